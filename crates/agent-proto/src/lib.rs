@@ -1,0 +1,179 @@
+//! The wire protocol between the supervisor and `sandforge-agent`.
+//!
+//! Owns: the route names, the JSON request/response bodies, the binary frame
+//! codec used for streamed exec output, and the guest path rules. It must not do
+//! any I/O: both ends (the agent inside a sandbox, the runtime's client on the
+//! host) depend on it, so it stays pure data and pure functions.
+//!
+//! # Transport
+//! One byte stream per sandbox (a unix socket for containers, a virtio-serial
+//! port for microVMs) carries ONE HTTP/2 connection with prior knowledge. The
+//! agent is the HTTP/2 server, the supervisor the client. HTTP/2 gives us
+//! multiplexing (many concurrent execs, file transfers and, later, PTYs and port
+//! tunnels), per-stream flow control and cancellation (a dropped stream is a
+//! `RST_STREAM`, which the agent turns into killing the exec's process group).
+//!
+//! # Versioning
+//! Every route lives under `/v{PROTOCOL_VERSION}/`. The supervisor calls
+//! [`routes::INFO`] first and refuses an agent whose `proto` differs.
+
+pub mod frame;
+pub mod path;
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub use frame::{Frame, FrameDecoder, FrameError};
+pub use path::{validate_guest_path, PathError};
+
+/// The protocol version spoken by this build; bump on incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Route names (HTTP/2 `:path`, without query).
+pub mod routes {
+    /// `GET` → [`super::AgentInfo`].
+    pub const INFO: &str = "/v1/info";
+    /// `POST` [`super::ExecRequest`] → stream of [`super::Frame`]s.
+    pub const EXEC: &str = "/v1/exec";
+    /// `GET`/`HEAD`/`PUT` with [`super::FileQuery`] in the query string.
+    pub const FILES: &str = "/v1/files";
+}
+
+/// Response header carrying a file's total size.
+pub const HDR_FILE_SIZE: &str = "x-file-size";
+/// Response header carrying a file's permission bits, octal (`0644`).
+pub const HDR_FILE_MODE: &str = "x-file-mode";
+/// Response header: `true` when the path is a directory.
+pub const HDR_FILE_ISDIR: &str = "x-file-isdir";
+/// Response header: `true` when a read was cut short by offset/limit/max_bytes.
+pub const HDR_TRUNCATED: &str = "x-truncated";
+
+/// Maximum size of one uploaded file (100 MiB).
+pub const MAX_FILE_BYTES: u64 = 100 * 1024 * 1024;
+/// Maximum number of directory entries returned by a listing.
+pub const MAX_LIST_ENTRIES: usize = 10_000;
+
+/// `GET /v1/info`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentInfo {
+    pub proto: u32,
+    pub agent_version: String,
+    pub pid: u32,
+}
+
+/// `POST /v1/exec`: run `argv` (no shell is added by the agent).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    /// Added on top of the agent's base environment (PATH, HOME, LANG, TERM).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory; the agent's HOME (`/root`) when absent.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Kill the whole process group after this many milliseconds.
+    pub timeout_ms: u64,
+    /// Bytes written to the command's stdin, then stdin is closed. Absent:
+    /// stdin is `/dev/null`.
+    #[serde(default)]
+    pub stdin: Option<String>,
+}
+
+/// The final frame of an exec stream.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExitStatus {
+    /// Process exit code; `128 + signal` when it was killed by a signal (so an
+    /// out-of-memory kill is 137), `127` when the program could not be started.
+    pub exit_code: i32,
+    /// The signal that ended the process, if any.
+    #[serde(default)]
+    pub signal: Option<i32>,
+    /// True when the agent killed the process group because of `timeout_ms`.
+    pub timed_out: bool,
+    /// Why the command could not be started, if it could not.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Query string of `/v1/files`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct FileQuery {
+    pub path: String,
+    /// 1-indexed first line to return (GET).
+    #[serde(default)]
+    pub offset: Option<u64>,
+    /// Maximum number of lines to return (GET).
+    #[serde(default)]
+    pub limit: Option<u64>,
+    /// Maximum number of bytes to return (GET).
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
+    /// List a directory instead of reading a file (GET).
+    #[serde(default)]
+    pub ls: Option<bool>,
+    /// Octal permission bits for a PUT, default `0644`.
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+/// One entry of a directory listing (seed 002 shape). When a listing is cut
+/// at [`MAX_LIST_ENTRIES`], a final sentinel entry has `truncated: true` and
+/// `total` set to the real number of entries.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DirEntry {
+    pub name: String,
+    pub size: u64,
+    pub mode: String,
+    pub is_dir: bool,
+    pub mtime: i64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+}
+
+/// Error body of any non-2xx agent response.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentError {
+    /// Stable machine code: `invalid_path`, `path_escape`, `not_found`,
+    /// `is_directory`, `not_directory`, `too_large`, `bad_request`, `io`.
+    pub code: String,
+    pub message: String,
+}
+
+/// Parse an octal mode string such as `0644` or `755` (at most `07777`).
+pub fn parse_mode(s: &str) -> Option<u32> {
+    if s.is_empty() || s.len() > 5 {
+        return None;
+    }
+    let m = u32::from_str_radix(s, 8).ok()?;
+    (m <= 0o7777).then_some(m)
+}
+
+/// Format permission bits the way the API shows them (`0644`).
+pub fn format_mode(mode: u32) -> String {
+    format!("{:04o}", mode & 0o7777)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_round_trip() {
+        assert_eq!(parse_mode("0644"), Some(0o644));
+        assert_eq!(parse_mode("755"), Some(0o755));
+        assert_eq!(parse_mode("4755"), Some(0o4755));
+        assert_eq!(parse_mode("0999"), None);
+        assert_eq!(parse_mode(""), None);
+        assert_eq!(parse_mode("17777"), None);
+        assert_eq!(format_mode(0o100644), "0644");
+    }
+
+    #[test]
+    fn exec_request_rejects_unknown_fields() {
+        let err = serde_json::from_str::<ExecRequest>(r#"{"argv":["true"],"timeout_ms":1,"x":1}"#);
+        assert!(err.is_err());
+    }
+}

@@ -1,0 +1,340 @@
+//! Sandbox resource: create body, response object, status values, health.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{limits, validate_env, Invalid};
+
+/// Isolation backend of a sandbox.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    Container,
+    Microvm,
+}
+
+impl Isolation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Container => "container",
+            Isolation::Microvm => "microvm",
+        }
+    }
+}
+
+/// Network mode. Only `offline` (loopback only) is implemented in this
+/// build; NAT'd networking arrives with the networking issue.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    Offline,
+}
+
+/// Lifecycle states (seeds 000–003).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxStatus {
+    Creating,
+    Starting,
+    Running,
+    Suspended,
+    Stopped,
+    Failed,
+    Destroyed,
+}
+
+impl SandboxStatus {
+    pub const ALL: [SandboxStatus; 7] = [
+        SandboxStatus::Creating,
+        SandboxStatus::Starting,
+        SandboxStatus::Running,
+        SandboxStatus::Suspended,
+        SandboxStatus::Stopped,
+        SandboxStatus::Failed,
+        SandboxStatus::Destroyed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxStatus::Creating => "creating",
+            SandboxStatus::Starting => "starting",
+            SandboxStatus::Running => "running",
+            SandboxStatus::Suspended => "suspended",
+            SandboxStatus::Stopped => "stopped",
+            SandboxStatus::Failed => "failed",
+            SandboxStatus::Destroyed => "destroyed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        // "terminated" is seed 000's word for destroyed.
+        if s == "terminated" {
+            return Some(SandboxStatus::Destroyed);
+        }
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// A host directory bound into the sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Mount {
+    pub host_path: String,
+    pub guest_path: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// `POST /v1/sandboxes`. All fields optional (seed 002): 1 CPU, 512 MB,
+/// the `default` template, offline network.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub cpu: Option<u32>,
+    #[serde(default)]
+    pub cpus: Option<u32>,
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+    #[serde(default)]
+    pub network: Option<Network>,
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub template: Option<String>,
+    #[serde(default)]
+    pub template_id: Option<String>,
+    #[serde(default)]
+    pub isolation: Option<Isolation>,
+}
+
+/// A create request with defaults applied and every field checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidCreate {
+    pub name: Option<String>,
+    pub cpus: u32,
+    pub memory_mb: u64,
+    pub network: Network,
+    pub mounts: Vec<Mount>,
+    pub env: BTreeMap<String, String>,
+    pub metadata: BTreeMap<String, String>,
+    pub template: String,
+    pub isolation: Option<Isolation>,
+}
+
+pub const DEFAULT_TEMPLATE: &str = "default";
+
+/// Guest paths a mount may not cover (the agent's own files and kernel fs).
+const RESERVED_GUEST_PATHS: [&str; 4] = ["/proc", "/sys", "/dev", "/.sandforge"];
+
+pub fn validate_name(field: &str, name: &str) -> Result<(), Invalid> {
+    let ok = !name.is_empty()
+        && name.len() <= limits::MAX_NAME_LEN
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(Invalid::new(
+            field,
+            format!(
+                "must be 1-{} characters of [A-Za-z0-9._-], starting with a letter or digit",
+                limits::MAX_NAME_LEN
+            ),
+        ))
+    }
+}
+
+impl CreateSandbox {
+    pub fn validate(self) -> Result<ValidCreate, Invalid> {
+        let cpus = match (self.cpu, self.cpus) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(Invalid::new("cpus", "cpu and cpus are the same setting; they disagree"))
+            }
+            (a, b) => a.or(b).unwrap_or(1),
+        };
+        if cpus == 0 || cpus > limits::MAX_CPUS {
+            return Err(Invalid::new("cpu", format!("must be between 1 and {}", limits::MAX_CPUS)));
+        }
+        let memory_mb = self.memory_mb.unwrap_or(512);
+        if !(limits::MIN_MEMORY_MB..=limits::MAX_MEMORY_MB).contains(&memory_mb) {
+            return Err(Invalid::new(
+                "memory_mb",
+                format!("must be between {} and {}", limits::MIN_MEMORY_MB, limits::MAX_MEMORY_MB),
+            ));
+        }
+        if let Some(n) = &self.name {
+            validate_name("name", n)?;
+        }
+        let template = match (self.template, self.template_id) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(Invalid::new("template_id", "template and template_id disagree"))
+            }
+            (a, b) => a.or(b).unwrap_or_else(|| DEFAULT_TEMPLATE.to_string()),
+        };
+        validate_name("template", &template)?;
+        validate_env("env", &self.env)?;
+        if self.metadata.len() > limits::MAX_METADATA {
+            return Err(Invalid::new("metadata", format!("at most {} keys", limits::MAX_METADATA)));
+        }
+        for (k, v) in &self.metadata {
+            if k.is_empty() || k.len() + v.len() > limits::MAX_METADATA_BYTES {
+                return Err(Invalid::new(
+                    format!("metadata.{k}"),
+                    format!("keys must be non-empty and key+value at most {} bytes", limits::MAX_METADATA_BYTES),
+                ));
+            }
+        }
+        if self.mounts.len() > limits::MAX_MOUNTS {
+            return Err(Invalid::new("mounts", format!("at most {} mounts", limits::MAX_MOUNTS)));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, m) in self.mounts.iter().enumerate() {
+            if !m.host_path.starts_with('/') || m.host_path.contains('\0') {
+                return Err(Invalid::new(format!("mounts[{i}].host_path"), "must be an absolute path"));
+            }
+            let field = format!("mounts[{i}].guest_path");
+            sandforge_guest_path(&m.guest_path).map_err(|msg| Invalid::new(&field, msg))?;
+            let norm = m.guest_path.trim_end_matches('/');
+            if RESERVED_GUEST_PATHS.iter().any(|r| norm == *r || norm.starts_with(&format!("{r}/"))) {
+                return Err(Invalid::new(field, "must not be under /proc, /sys, /dev or /.sandforge"));
+            }
+            if !seen.insert(norm.to_string()) {
+                return Err(Invalid::new(field, "two mounts use the same guest path"));
+            }
+        }
+        Ok(ValidCreate {
+            name: self.name,
+            cpus,
+            memory_mb,
+            network: self.network.unwrap_or(Network::Offline),
+            mounts: self.mounts,
+            env: self.env,
+            metadata: self.metadata,
+            template,
+            isolation: self.isolation,
+        })
+    }
+}
+
+fn sandforge_guest_path(p: &str) -> Result<(), String> {
+    if !p.starts_with('/') {
+        return Err("must be an absolute path".into());
+    }
+    if p.split('/').any(|c| c == "..") {
+        return Err("must not contain '..'".into());
+    }
+    if p.split('/').all(|c| c.is_empty() || c == ".") {
+        return Err("must not be '/'".into());
+    }
+    if p.contains('\0') || p.len() > 4096 {
+        return Err("must be at most 4096 bytes with no NUL".into());
+    }
+    Ok(())
+}
+
+/// The sandbox object every endpoint returns.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Sandbox {
+    pub id: String,
+    pub name: String,
+    pub status: SandboxStatus,
+    pub isolation: Isolation,
+    /// `kvm` or `tcg` for microVMs; absent for containers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
+    pub template: String,
+    pub cpu: u32,
+    pub cpus: u32,
+    pub memory_mb: u64,
+    pub network: Network,
+    pub mounts: Vec<Mount>,
+    /// Names of the sandbox's environment variables (values are never echoed).
+    pub env_keys: Vec<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub created_at: String,
+    pub updated_at: String,
+    /// Why the sandbox is `failed`, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_reason: Option<String>,
+}
+
+/// Body of `DELETE /v1/sandboxes/{id}` (seed 000).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeleteResponse {
+    pub id: String,
+    pub status: String,
+    pub message: String,
+}
+
+/// `GET /health` (seed 002).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Health {
+    pub status: String,
+    pub sandboxes: u64,
+    pub uptime: String,
+}
+
+/// Format a duration as seed 002 does: `2h15m30s`.
+pub fn format_uptime(secs: u64) -> String {
+    let (h, m, s) = (secs / 3600, (secs % 3600) / 60, secs % 60);
+    if h > 0 {
+        format!("{h}h{m}m{s}s")
+    } else if m > 0 {
+        format!("{m}m{s}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(json: &str) -> Result<ValidCreate, Invalid> {
+        serde_json::from_str::<CreateSandbox>(json).unwrap().validate()
+    }
+
+    #[test]
+    fn defaults_and_aliases() {
+        let v = create("{}").unwrap();
+        assert_eq!((v.cpus, v.memory_mb, v.template.as_str()), (1, 512, "default"));
+        assert_eq!(create(r#"{"cpus":2}"#).unwrap().cpus, 2);
+        assert_eq!(create(r#"{"cpu":2,"cpus":2}"#).unwrap().cpus, 2);
+        assert_eq!(create(r#"{"cpu":2,"cpus":3}"#).unwrap_err().field, "cpus");
+        assert_eq!(create(r#"{"template_id":"x"}"#).unwrap().template, "x");
+    }
+
+    #[test]
+    fn bad_sizes_name_fields() {
+        assert_eq!(create(r#"{"cpu":0}"#).unwrap_err().field, "cpu");
+        assert_eq!(create(r#"{"memory_mb":1}"#).unwrap_err().field, "memory_mb");
+        assert_eq!(create(r#"{"name":"-x"}"#).unwrap_err().field, "name");
+        let e = create(r#"{"mounts":[{"host_path":"/tmp","guest_path":"/proc/x"}]}"#).unwrap_err();
+        assert_eq!(e.field, "mounts[0].guest_path");
+        let e = create(r#"{"mounts":[{"host_path":"tmp","guest_path":"/w"}]}"#).unwrap_err();
+        assert_eq!(e.field, "mounts[0].host_path");
+    }
+
+    #[test]
+    fn unknown_network_is_a_parse_error() {
+        assert!(serde_json::from_str::<CreateSandbox>(r#"{"network":"wifi"}"#).is_err());
+        assert!(serde_json::from_str::<CreateSandbox>(r#"{"bogus":1}"#).is_err());
+    }
+
+    #[test]
+    fn statuses_and_uptime() {
+        assert_eq!(SandboxStatus::parse("terminated"), Some(SandboxStatus::Destroyed));
+        assert_eq!(SandboxStatus::parse("running"), Some(SandboxStatus::Running));
+        assert_eq!(SandboxStatus::parse("nope"), None);
+        assert_eq!(format_uptime(2 * 3600 + 15 * 60 + 30), "2h15m30s");
+        assert_eq!(format_uptime(59), "59s");
+    }
+}
