@@ -65,6 +65,7 @@ cat > "$WORK/template.json" <<JSON
 {"name": "$NAME", "distro": "debian-12", "uid_shift": $SHIFT, "size_mb": $SIZE, "shell": "/bin/bash", "built_at": "$(date -u +%Y-%m-%dT%H:%M:%SZ)"}
 JSON
 rm -f "$WORK/debootstrap.log"
+chmod 0755 "$WORK"
 mv "$WORK" "$DEST"
 trap - EXIT
 echo "template '$NAME' ready at $DEST (${SIZE} MB)"

@@ -111,7 +111,12 @@ mod tests {
     use super::*;
 
     fn exit(code: i32) -> Frame {
-        Frame::Exit(ExitStatus { exit_code: code, signal: None, timed_out: false, error: None })
+        Frame::Exit(ExitStatus {
+            exit_code: code,
+            signal: None,
+            timed_out: false,
+            error: None,
+        })
     }
 
     #[test]

@@ -58,6 +58,9 @@ mod tests {
         assert_eq!(validate_guest_path("/a/../etc"), Err(PathError::DotDot));
         assert_eq!(validate_guest_path("/a/.."), Err(PathError::DotDot));
         assert_eq!(validate_guest_path("/a\0b"), Err(PathError::Nul));
-        assert_eq!(validate_guest_path(&format!("/{}", "a".repeat(5000))), Err(PathError::TooLong));
+        assert_eq!(
+            validate_guest_path(&format!("/{}", "a".repeat(5000))),
+            Err(PathError::TooLong)
+        );
     }
 }

@@ -57,7 +57,10 @@ fn validate_common(
     if timeout == 0 || timeout > limits::MAX_EXEC_TIMEOUT_SECS {
         return Err(Invalid::new(
             "timeout_seconds",
-            format!("must be between 1 and {} seconds", limits::MAX_EXEC_TIMEOUT_SECS),
+            format!(
+                "must be between 1 and {} seconds",
+                limits::MAX_EXEC_TIMEOUT_SECS
+            ),
         ));
     }
     validate_env("env", env)?;
@@ -78,7 +81,10 @@ impl ExecuteRequest {
         if command.len() > limits::MAX_COMMAND_BYTES || command.contains('\0') {
             return Err(Invalid::new(
                 "command",
-                format!("must be at most {} bytes with no NUL", limits::MAX_COMMAND_BYTES),
+                format!(
+                    "must be at most {} bytes with no NUL",
+                    limits::MAX_COMMAND_BYTES
+                ),
             ));
         }
         let timeout_seconds = validate_common(self.timeout_seconds, &self.env, &self.cwd)?;
@@ -96,7 +102,12 @@ impl ExecRequest {
     pub fn validate(self) -> Result<ValidExec, Invalid> {
         let argv = match self.cmd {
             Some(a) if !a.is_empty() && !a[0].is_empty() => a,
-            _ => return Err(Invalid::new("cmd", "is required: a non-empty array of strings")),
+            _ => {
+                return Err(Invalid::new(
+                    "cmd",
+                    "is required: a non-empty array of strings",
+                ))
+            }
         };
         let total: usize = argv.iter().map(|a| a.len() + 1).sum();
         if argv.len() > limits::MAX_ARGV || total > limits::MAX_COMMAND_BYTES {
@@ -105,11 +116,24 @@ impl ExecRequest {
         if argv.iter().any(|a| a.contains('\0')) {
             return Err(Invalid::new("cmd", "arguments must not contain NUL"));
         }
-        if self.stdin.as_ref().is_some_and(|s| s.len() > limits::MAX_STDIN_BYTES) {
-            return Err(Invalid::new("stdin", format!("at most {} bytes", limits::MAX_STDIN_BYTES)));
+        if self
+            .stdin
+            .as_ref()
+            .is_some_and(|s| s.len() > limits::MAX_STDIN_BYTES)
+        {
+            return Err(Invalid::new(
+                "stdin",
+                format!("at most {} bytes", limits::MAX_STDIN_BYTES),
+            ));
         }
         let timeout_seconds = validate_common(self.timeout_seconds, &self.env, &self.cwd)?;
-        Ok(ValidExec { argv, timeout_seconds, env: self.env, cwd: self.cwd, stdin: self.stdin })
+        Ok(ValidExec {
+            argv,
+            timeout_seconds,
+            env: self.env,
+            cwd: self.cwd,
+            stdin: self.stdin,
+        })
     }
 }
 
@@ -132,10 +156,21 @@ pub type ExecResponse = ExecuteResponse;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ExecEvent {
-    Stdout { data: String },
-    Stderr { data: String },
-    Exit { exit_code: i32, #[serde(default)] timed_out: bool },
-    Error { code: String, message: String },
+    Stdout {
+        data: String,
+    },
+    Stderr {
+        data: String,
+    },
+    Exit {
+        exit_code: i32,
+        #[serde(default)]
+        timed_out: bool,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
 }
 
 #[cfg(test)]
@@ -144,7 +179,10 @@ mod tests {
 
     #[test]
     fn execute_validation() {
-        let ok = ExecuteRequest { command: Some("echo hi".into()), ..Default::default() };
+        let ok = ExecuteRequest {
+            command: Some("echo hi".into()),
+            ..Default::default()
+        };
         let v = ok.validate().unwrap();
         assert_eq!(v.argv, vec!["/bin/sh", "-c", "echo hi"]);
         assert_eq!(v.timeout_seconds, 60);
@@ -161,24 +199,46 @@ mod tests {
 
         let mut env = BTreeMap::new();
         env.insert("1BAD".into(), "x".into());
-        let bad_env = ExecuteRequest { command: Some("true".into()), env, ..Default::default() };
+        let bad_env = ExecuteRequest {
+            command: Some("true".into()),
+            env,
+            ..Default::default()
+        };
         assert_eq!(bad_env.validate().unwrap_err().field, "env.1BAD");
     }
 
     #[test]
     fn exec_validation() {
         assert_eq!(ExecRequest::default().validate().unwrap_err().field, "cmd");
-        let empty = ExecRequest { cmd: Some(vec![]), ..Default::default() };
+        let empty = ExecRequest {
+            cmd: Some(vec![]),
+            ..Default::default()
+        };
         assert_eq!(empty.validate().unwrap_err().field, "cmd");
-        let rel = ExecRequest { cmd: Some(vec!["ls".into()]), cwd: Some("tmp".into()), ..Default::default() };
+        let rel = ExecRequest {
+            cmd: Some(vec!["ls".into()]),
+            cwd: Some("tmp".into()),
+            ..Default::default()
+        };
         assert_eq!(rel.validate().unwrap_err().field, "cwd");
     }
 
     #[test]
     fn event_shape() {
-        let e = ExecEvent::Exit { exit_code: 0, timed_out: false };
-        assert_eq!(serde_json::to_string(&e).unwrap(), r#"{"type":"exit","exit_code":0,"timed_out":false}"#);
-        let e = ExecEvent::Stdout { data: "hi\n".into() };
-        assert_eq!(serde_json::to_string(&e).unwrap(), r#"{"type":"stdout","data":"hi\n"}"#);
+        let e = ExecEvent::Exit {
+            exit_code: 0,
+            timed_out: false,
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"type":"exit","exit_code":0,"timed_out":false}"#
+        );
+        let e = ExecEvent::Stdout {
+            data: "hi\n".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"type":"stdout","data":"hi\n"}"#
+        );
     }
 }

@@ -26,7 +26,10 @@ pub struct Invalid {
 
 impl Invalid {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { field: field.into(), message: message.into() }
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -50,13 +53,21 @@ pub mod limits {
     pub const MAX_STDIN_BYTES: usize = 1024 * 1024;
 }
 
-pub(crate) fn validate_env(field: &str, env: &std::collections::BTreeMap<String, String>) -> Result<(), Invalid> {
+pub(crate) fn validate_env(
+    field: &str,
+    env: &std::collections::BTreeMap<String, String>,
+) -> Result<(), Invalid> {
     if env.len() > limits::MAX_ENV_VARS {
-        return Err(Invalid::new(field, format!("at most {} variables", limits::MAX_ENV_VARS)));
+        return Err(Invalid::new(
+            field,
+            format!("at most {} variables", limits::MAX_ENV_VARS),
+        ));
     }
     for (k, v) in env {
         let mut chars = k.chars();
-        let ok_start = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+        let ok_start = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
         if !ok_start || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(Invalid::new(
                 format!("{field}.{k}"),
@@ -66,7 +77,10 @@ pub(crate) fn validate_env(field: &str, env: &std::collections::BTreeMap<String,
         if v.len() > limits::MAX_ENV_VALUE_BYTES || v.contains('\0') {
             return Err(Invalid::new(
                 format!("{field}.{k}"),
-                format!("value must be at most {} bytes and contain no NUL", limits::MAX_ENV_VALUE_BYTES),
+                format!(
+                    "value must be at most {} bytes and contain no NUL",
+                    limits::MAX_ENV_VALUE_BYTES
+                ),
             ));
         }
     }

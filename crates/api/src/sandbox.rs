@@ -137,8 +137,13 @@ const RESERVED_GUEST_PATHS: [&str; 4] = ["/proc", "/sys", "/dev", "/.sandforge"]
 pub fn validate_name(field: &str, name: &str) -> Result<(), Invalid> {
     let ok = !name.is_empty()
         && name.len() <= limits::MAX_NAME_LEN
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
     if ok {
         Ok(())
     } else {
@@ -156,18 +161,28 @@ impl CreateSandbox {
     pub fn validate(self) -> Result<ValidCreate, Invalid> {
         let cpus = match (self.cpu, self.cpus) {
             (Some(a), Some(b)) if a != b => {
-                return Err(Invalid::new("cpus", "cpu and cpus are the same setting; they disagree"))
+                return Err(Invalid::new(
+                    "cpus",
+                    "cpu and cpus are the same setting; they disagree",
+                ))
             }
             (a, b) => a.or(b).unwrap_or(1),
         };
         if cpus == 0 || cpus > limits::MAX_CPUS {
-            return Err(Invalid::new("cpu", format!("must be between 1 and {}", limits::MAX_CPUS)));
+            return Err(Invalid::new(
+                "cpu",
+                format!("must be between 1 and {}", limits::MAX_CPUS),
+            ));
         }
         let memory_mb = self.memory_mb.unwrap_or(512);
         if !(limits::MIN_MEMORY_MB..=limits::MAX_MEMORY_MB).contains(&memory_mb) {
             return Err(Invalid::new(
                 "memory_mb",
-                format!("must be between {} and {}", limits::MIN_MEMORY_MB, limits::MAX_MEMORY_MB),
+                format!(
+                    "must be between {} and {}",
+                    limits::MIN_MEMORY_MB,
+                    limits::MAX_MEMORY_MB
+                ),
             ));
         }
         if let Some(n) = &self.name {
@@ -175,36 +190,57 @@ impl CreateSandbox {
         }
         let template = match (self.template, self.template_id) {
             (Some(a), Some(b)) if a != b => {
-                return Err(Invalid::new("template_id", "template and template_id disagree"))
+                return Err(Invalid::new(
+                    "template_id",
+                    "template and template_id disagree",
+                ))
             }
             (a, b) => a.or(b).unwrap_or_else(|| DEFAULT_TEMPLATE.to_string()),
         };
         validate_name("template", &template)?;
         validate_env("env", &self.env)?;
         if self.metadata.len() > limits::MAX_METADATA {
-            return Err(Invalid::new("metadata", format!("at most {} keys", limits::MAX_METADATA)));
+            return Err(Invalid::new(
+                "metadata",
+                format!("at most {} keys", limits::MAX_METADATA),
+            ));
         }
         for (k, v) in &self.metadata {
             if k.is_empty() || k.len() + v.len() > limits::MAX_METADATA_BYTES {
                 return Err(Invalid::new(
                     format!("metadata.{k}"),
-                    format!("keys must be non-empty and key+value at most {} bytes", limits::MAX_METADATA_BYTES),
+                    format!(
+                        "keys must be non-empty and key+value at most {} bytes",
+                        limits::MAX_METADATA_BYTES
+                    ),
                 ));
             }
         }
         if self.mounts.len() > limits::MAX_MOUNTS {
-            return Err(Invalid::new("mounts", format!("at most {} mounts", limits::MAX_MOUNTS)));
+            return Err(Invalid::new(
+                "mounts",
+                format!("at most {} mounts", limits::MAX_MOUNTS),
+            ));
         }
         let mut seen = std::collections::BTreeSet::new();
         for (i, m) in self.mounts.iter().enumerate() {
             if !m.host_path.starts_with('/') || m.host_path.contains('\0') {
-                return Err(Invalid::new(format!("mounts[{i}].host_path"), "must be an absolute path"));
+                return Err(Invalid::new(
+                    format!("mounts[{i}].host_path"),
+                    "must be an absolute path",
+                ));
             }
             let field = format!("mounts[{i}].guest_path");
             sandforge_guest_path(&m.guest_path).map_err(|msg| Invalid::new(&field, msg))?;
             let norm = m.guest_path.trim_end_matches('/');
-            if RESERVED_GUEST_PATHS.iter().any(|r| norm == *r || norm.starts_with(&format!("{r}/"))) {
-                return Err(Invalid::new(field, "must not be under /proc, /sys, /dev or /.sandforge"));
+            if RESERVED_GUEST_PATHS
+                .iter()
+                .any(|r| norm == *r || norm.starts_with(&format!("{r}/")))
+            {
+                return Err(Invalid::new(
+                    field,
+                    "must not be under /proc, /sys, /dev or /.sandforge",
+                ));
             }
             if !seen.insert(norm.to_string()) {
                 return Err(Invalid::new(field, "two mounts use the same guest path"));
@@ -299,13 +335,18 @@ mod tests {
     use super::*;
 
     fn create(json: &str) -> Result<ValidCreate, Invalid> {
-        serde_json::from_str::<CreateSandbox>(json).unwrap().validate()
+        serde_json::from_str::<CreateSandbox>(json)
+            .unwrap()
+            .validate()
     }
 
     #[test]
     fn defaults_and_aliases() {
         let v = create("{}").unwrap();
-        assert_eq!((v.cpus, v.memory_mb, v.template.as_str()), (1, 512, "default"));
+        assert_eq!(
+            (v.cpus, v.memory_mb, v.template.as_str()),
+            (1, 512, "default")
+        );
         assert_eq!(create(r#"{"cpus":2}"#).unwrap().cpus, 2);
         assert_eq!(create(r#"{"cpu":2,"cpus":2}"#).unwrap().cpus, 2);
         assert_eq!(create(r#"{"cpu":2,"cpus":3}"#).unwrap_err().field, "cpus");
@@ -331,8 +372,14 @@ mod tests {
 
     #[test]
     fn statuses_and_uptime() {
-        assert_eq!(SandboxStatus::parse("terminated"), Some(SandboxStatus::Destroyed));
-        assert_eq!(SandboxStatus::parse("running"), Some(SandboxStatus::Running));
+        assert_eq!(
+            SandboxStatus::parse("terminated"),
+            Some(SandboxStatus::Destroyed)
+        );
+        assert_eq!(
+            SandboxStatus::parse("running"),
+            Some(SandboxStatus::Running)
+        );
         assert_eq!(SandboxStatus::parse("nope"), None);
         assert_eq!(format_uptime(2 * 3600 + 15 * 60 + 30), "2h15m30s");
         assert_eq!(format_uptime(59), "59s");

@@ -1,5 +1,38 @@
-//! Sandforge supervisor library (placeholder surface; being implemented).
+//! The Sandforge supervisor: HTTP API, authentication, the SQLite state
+//! database and the controller that drives the runtime backends.
+//!
+//! Request path: `routes` (parse, authenticate) → `controller` (check
+//! against state, record transitions in `db`) → `sandforge_runtime`
+//! (backend for lifecycle, agent client for exec/files).
+//!
+//! On-disk layout under the state directory:
+//! `sandforge.db` (+ WAL), `daemon.lock`, `bin/sandforge-agent`,
+//! `runc/` (runc's state), `sandboxes/<id>/` (one per live sandbox).
+
+pub mod auth;
+pub mod config;
+pub mod controller;
+pub mod db;
+pub mod error;
+pub mod json;
+mod routes;
+
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sandforge_runtime::container::{ContainerBackend, ContainerConfig};
+use sandforge_runtime::Backend;
+
+pub use config::Config;
+pub use controller::Controller;
+
+/// Shared state of every request handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub controller: Arc<Controller>,
+}
 
 #[derive(Debug, Default, Clone)]
 pub struct ServeOptions {
@@ -10,14 +43,197 @@ pub struct ServeOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    #[error("config: {0}")]
+    Config(String),
+    #[error("database: {0}")]
+    Db(String),
     #[error("{0}")]
-    Other(String),
+    Startup(String),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
-pub async fn serve(_opts: ServeOptions) -> Result<(), ServerError> {
-    Err(ServerError::Other("not yet".into()))
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ServerError + 'a {
+    move |source| ServerError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
-pub fn create_token(_state_dir: &Path, _org: &str) -> Result<String, ServerError> {
-    Err(ServerError::Other("not yet".into()))
+/// The config file: `--config`, else `$SANDFORGE_CONFIG`, else
+/// `/etc/sandforge/config.yaml` when it exists.
+fn config_path(opt: Option<PathBuf>) -> Option<PathBuf> {
+    opt.or_else(|| std::env::var_os("SANDFORGE_CONFIG").map(PathBuf::from))
+        .or_else(|| {
+            let p = PathBuf::from("/etc/sandforge/config.yaml");
+            p.exists().then_some(p)
+        })
+}
+
+/// Create the state directory tree. Directories are 0711: the containers'
+/// mapped root must traverse them to reach its rootfs, but may not list them.
+fn prepare_state_dir(state: &Path) -> Result<(), ServerError> {
+    for d in [
+        state.to_path_buf(),
+        state.join("sandboxes"),
+        state.join("bin"),
+    ] {
+        std::fs::create_dir_all(&d).map_err(io("mkdir", &d))?;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o711))
+            .map_err(io("chmod", &d))?;
+    }
+    Ok(())
+}
+
+/// Hold an exclusive lock on the state directory for the daemon's lifetime.
+fn lock_state_dir(state: &Path) -> Result<std::fs::File, ServerError> {
+    let path = state.join("daemon.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io("open", &path))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|_| {
+        ServerError::Startup(format!(
+            "another sandforge daemon is using {}",
+            state.display()
+        ))
+    })?;
+    Ok(f)
+}
+
+/// Copy the agent into `<state>/bin` (atomically, only when it changed), so
+/// the state directory is self-contained and rebuilding the project does
+/// not swap the binary under running sandboxes.
+fn install_agent(src: &Path, state: &Path) -> Result<PathBuf, ServerError> {
+    let dest = state.join("bin/sandforge-agent");
+    let new = std::fs::read(src).map_err(io("read", src))?;
+    if std::fs::read(&dest).ok().as_deref() != Some(&new[..]) {
+        let tmp = state.join("bin/.sandforge-agent.tmp");
+        std::fs::write(&tmp, &new).map_err(io("write", &tmp))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+            .map_err(io("chmod", &tmp))?;
+        std::fs::rename(&tmp, &dest).map_err(io("rename", &dest))?;
+    }
+    Ok(dest)
+}
+
+fn valid_org(org: &str) -> Result<(), ServerError> {
+    sandforge_api::sandbox::validate_name("org", org)
+        .map_err(|e| ServerError::Config(e.to_string()))
+}
+
+/// `sandforge token create`: a new token for `org`, stored hashed.
+pub fn create_token(state_dir: &Path, org: &str) -> Result<String, ServerError> {
+    valid_org(org)?;
+    prepare_state_dir(state_dir)?;
+    let db = db::Db::open(&state_dir.join("sandforge.db"))?;
+    let token = auth::mint();
+    db.insert_token(&auth::hash(&token), org)?;
+    Ok(token)
+}
+
+/// First start: the admin token of the `default` org comes from
+/// `$SANDFORGE_TOKEN`, or is generated and printed once.
+fn bootstrap_token(db: &db::Db) -> Result<(), ServerError> {
+    match std::env::var("SANDFORGE_TOKEN") {
+        Ok(t) if !t.trim().is_empty() => db.insert_token(&auth::hash(t.trim()), auth::DEFAULT_ORG),
+        _ if db.token_count()? == 0 => {
+            let t = auth::mint();
+            db.insert_token(&auth::hash(&t), auth::DEFAULT_ORG)?;
+            println!(
+                "admin token for org '{}' (shown once): {t}",
+                auth::DEFAULT_ORG
+            );
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn which(bin: &Path) -> Option<PathBuf> {
+    if bin.components().count() > 1 {
+        return bin.is_file().then(|| bin.to_path_buf());
+    }
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(bin))
+        .find(|p| p.is_file())
+}
+
+/// Build everything, reconcile with what is running, and serve until SIGINT
+/// or SIGTERM. Sandboxes outlive the daemon; the next start re-attaches.
+pub async fn serve(opts: ServeOptions) -> Result<(), ServerError> {
+    let cfg = Config::load(
+        config_path(opts.config).as_deref(),
+        opts.listen,
+        opts.state_dir,
+    )?;
+    let state = cfg.state_dir.clone();
+    prepare_state_dir(&state)?;
+    let _lock = lock_state_dir(&state)?;
+    let agent = install_agent(&cfg.resolve_agent_binary()?, &state)?;
+    let db_path = state.join("sandforge.db");
+    let db = db::Db::open(&db_path)?;
+    std::fs::set_permissions(&db_path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io("chmod", &db_path))?;
+    bootstrap_token(&db)?;
+
+    let runc = which(&cfg.runc).ok_or_else(|| {
+        ServerError::Startup(format!(
+            "OCI runtime '{}' not found (apt-get install runc)",
+            cfg.runc.display()
+        ))
+    })?;
+    let container = ContainerBackend::new(ContainerConfig {
+        runc_binary: runc,
+        runc_root: state.join("runc"),
+        agent_binary: agent,
+        cgroup_parent: "sandforge".into(),
+        agent_timeout: Duration::from_secs(cfg.agent_timeout_secs),
+    })
+    .map_err(|e| ServerError::Startup(e.to_string()))?;
+    let backends: Vec<Arc<dyn Backend>> = vec![Arc::new(container)];
+
+    let templates = sandforge_runtime::TemplateStore::new(&cfg.template_dir);
+    if templates.list().is_empty() {
+        tracing::warn!(
+            "no template in {}: build one with scripts/build-template.sh (creates will answer 404)",
+            cfg.template_dir.display()
+        );
+    }
+
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|e| ServerError::Startup(format!("listen on {}: {e}", cfg.listen)))?;
+    let controller = Arc::new(Controller::new(cfg.clone(), db, backends));
+    controller
+        .reconcile()
+        .await
+        .map_err(|e| ServerError::Startup(e.message))?;
+    tokio::spawn(controller.clone().monitor());
+
+    let app = routes::router(AppState { controller });
+    tracing::info!(listen = %cfg.listen, state_dir = %state.display(), "sandforge supervisor ready");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| ServerError::Startup(e.to_string()))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down (sandboxes keep running)");
 }

@@ -1,0 +1,319 @@
+//! Client side of the agent protocol: one HTTP/2 connection per sandbox over
+//! the sandbox's unix socket (the container's bound socket, or QEMU's
+//! virtio-serial chardev socket), shared by every concurrent request and
+//! re-established when it breaks (e.g. after a supervisor restart).
+//!
+//! Owns: connecting, the readiness wait, and typed helpers for the routes.
+//! It must not interpret results for the API: the server maps agent answers
+//! to HTTP responses.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use sandforge_agent_proto::{
+    routes, AgentInfo, ExecRequest, FileQuery, FrameDecoder, PROTOCOL_VERSION,
+};
+use tokio::net::UnixStream;
+use tokio::sync::Mutex;
+
+use crate::error::{Result, RuntimeError};
+
+/// Boxed error of a streamed request body.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Request body type accepted by [`AgentClient::request`].
+pub type ReqBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Wrap bytes as a request body.
+pub fn full_body(b: impl Into<Bytes>) -> ReqBody {
+    Full::new(b.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+fn empty_body() -> ReqBody {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+#[derive(Clone)]
+pub struct AgentClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    socket: PathBuf,
+    conn: Mutex<Option<SendRequest<ReqBody>>>,
+}
+
+impl std::fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentClient")
+            .field("socket", &self.inner.socket)
+            .finish()
+    }
+}
+
+impl AgentClient {
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                socket: socket.into(),
+                conn: Mutex::new(None),
+            }),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.inner.socket
+    }
+
+    async fn connect(&self) -> Result<SendRequest<ReqBody>> {
+        let stream = UnixStream::connect(&self.inner.socket).await.map_err(|e| {
+            RuntimeError::AgentUnavailable(format!("{}: {e}", self.inner.socket.display()))
+        })?;
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| RuntimeError::AgentUnavailable(format!("http/2 handshake: {e}")))?;
+        let socket = self.inner.socket.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(socket = %socket.display(), "agent connection ended: {e}");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn sender(&self) -> Result<SendRequest<ReqBody>> {
+        let mut guard = self.inner.conn.lock().await;
+        if let Some(s) = guard.as_ref() {
+            if !s.is_closed() {
+                return Ok(s.clone());
+            }
+        }
+        let s = self.connect().await?;
+        *guard = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Drop the cached connection (the next request reconnects).
+    pub async fn reset(&self) {
+        self.inner.conn.lock().await.take();
+    }
+
+    /// Send one request over the shared connection, reconnecting once if the
+    /// cached connection turns out to be dead before the request was sent.
+    pub async fn request(&self, req: Request<ReqBody>) -> Result<Response<Incoming>> {
+        let mut sender = self.sender().await?;
+        if sender.ready().await.is_err() {
+            self.reset().await;
+            sender = self.sender().await?;
+            sender
+                .ready()
+                .await
+                .map_err(|e| RuntimeError::AgentUnavailable(e.to_string()))?;
+        }
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| RuntimeError::AgentUnavailable(format!("request failed: {e}")))
+    }
+
+    /// `GET /v1/info`, checking the protocol version.
+    pub async fn info(&self) -> Result<AgentInfo> {
+        let req = build(Method::GET, routes::INFO, empty_body())?;
+        let resp = self.request(req).await?;
+        let status = resp.status();
+        let body = collect(resp).await?;
+        if status != StatusCode::OK {
+            return Err(RuntimeError::AgentProtocol(format!(
+                "info answered {status}"
+            )));
+        }
+        let info: AgentInfo = serde_json::from_slice(&body)
+            .map_err(|e| RuntimeError::AgentProtocol(format!("info: {e}")))?;
+        if info.proto != PROTOCOL_VERSION {
+            return Err(RuntimeError::AgentProtocol(format!(
+                "agent speaks protocol {}, supervisor {}",
+                info.proto, PROTOCOL_VERSION
+            )));
+        }
+        Ok(info)
+    }
+
+    /// Poll until the agent answers `info`, or fail after `timeout`.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<AgentInfo> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match tokio::time::timeout(Duration::from_secs(2), self.info()).await {
+                Ok(Ok(info)) => return Ok(info),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "info timed out".to_string(),
+            };
+            self.reset().await;
+            if Instant::now() >= deadline {
+                return Err(RuntimeError::AgentUnavailable(format!(
+                    "no answer within {timeout:?} (last error: {last})"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+    }
+
+    /// Start an exec; the returned stream yields frames as the agent sends them.
+    pub async fn exec(&self, req: &ExecRequest) -> Result<ExecStream> {
+        let body =
+            serde_json::to_vec(req).map_err(|e| RuntimeError::AgentProtocol(e.to_string()))?;
+        let resp = self
+            .request(build(Method::POST, routes::EXEC, full_body(body))?)
+            .await?;
+        if resp.status() != StatusCode::OK {
+            let status = resp.status();
+            let body = collect(resp).await.unwrap_or_default();
+            return Err(RuntimeError::AgentProtocol(format!(
+                "exec answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            )));
+        }
+        Ok(ExecStream {
+            body: resp.into_body(),
+            decoder: FrameDecoder::new(),
+            done: false,
+        })
+    }
+
+    /// A files request (`GET`, `HEAD`, `PUT`), returned as the agent answered
+    /// it: the caller maps statuses and streams bodies.
+    pub async fn files(
+        &self,
+        method: Method,
+        q: &FileQuery,
+        body: Option<ReqBody>,
+    ) -> Result<Response<Incoming>> {
+        let uri = format!("{}?{}", routes::FILES, encode_query(q));
+        let req = build(method, &uri, body.unwrap_or_else(empty_body))?;
+        self.request(req).await
+    }
+}
+
+fn build(method: Method, uri: &str, body: ReqBody) -> Result<Request<ReqBody>> {
+    // HTTP/2 needs an authority; the agent ignores it.
+    Request::builder()
+        .method(method)
+        .uri(format!("http://agent{uri}"))
+        .body(body)
+        .map_err(|e| RuntimeError::AgentProtocol(e.to_string()))
+}
+
+async fn collect(resp: Response<Incoming>) -> Result<Bytes> {
+    resp.into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| RuntimeError::AgentUnavailable(format!("reading response: {e}")))
+}
+
+fn encode_query(q: &FileQuery) -> String {
+    use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+    let mut parts = vec![format!(
+        "path={}",
+        utf8_percent_encode(&q.path, NON_ALPHANUMERIC)
+    )];
+    for (k, v) in [
+        ("offset", q.offset),
+        ("limit", q.limit),
+        ("max_bytes", q.max_bytes),
+    ] {
+        if let Some(v) = v {
+            parts.push(format!("{k}={v}"));
+        }
+    }
+    if q.ls == Some(true) {
+        parts.push("ls=true".into());
+    }
+    if let Some(m) = &q.mode {
+        parts.push(format!("mode={}", utf8_percent_encode(m, NON_ALPHANUMERIC)));
+    }
+    parts.join("&")
+}
+
+/// Frames of one running exec, in order; the last is `Frame::Exit`.
+pub struct ExecStream {
+    body: Incoming,
+    decoder: FrameDecoder,
+    done: bool,
+}
+
+impl ExecStream {
+    /// The next frame; `None` after the exit frame. An error when the stream
+    /// breaks before the exit frame (agent or sandbox gone).
+    pub async fn next(&mut self) -> Option<Result<sandforge_agent_proto::Frame>> {
+        use sandforge_agent_proto::Frame;
+        if self.done {
+            return None;
+        }
+        loop {
+            match self.decoder.next_frame() {
+                Ok(Some(f)) => {
+                    if matches!(f, Frame::Exit(_)) {
+                        self.done = true;
+                    }
+                    return Some(Ok(f));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(RuntimeError::AgentProtocol(e.to_string())));
+                }
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.decoder.push(&data);
+                    }
+                }
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Some(Err(RuntimeError::AgentUnavailable(format!(
+                        "exec stream broke: {e}"
+                    ))));
+                }
+                None => {
+                    self.done = true;
+                    return Some(Err(RuntimeError::AgentUnavailable(
+                        "exec stream ended without an exit status".into(),
+                    )));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_encoding() {
+        let q = FileQuery {
+            path: "/a b/c&d".into(),
+            offset: Some(2),
+            ls: Some(true),
+            mode: Some("0755".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            encode_query(&q),
+            "path=%2Fa%20b%2Fc%26d&offset=2&ls=true&mode=0755"
+        );
+    }
+}

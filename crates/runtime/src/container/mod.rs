@@ -1,0 +1,280 @@
+//! The container backend: one runc container per sandbox, with the agent as
+//! the container's PID 1 listening on a unix socket bound out to the host.
+//!
+//! Owns, per sandbox, everything under `<state>/sandboxes/<id>/`:
+//! `bundle/config.json` (the OCI spec), `rootfs/` (overlay mount point),
+//! `upper/` + `work/` (the sandbox's writable layer), `run/agent.sock`,
+//! `mounts/<n>` (staged id-mapped host mounts), `container.pid`,
+//! `console.log`; plus runc's state under `<state>/runc`
+//! and the cgroups `sandforge/<id>`. It must not touch other sandboxes'
+//! directories or the template.
+
+pub mod cgroup;
+pub mod idmap;
+pub mod rootfs;
+pub mod runc;
+pub mod spec;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sandforge_api::Isolation;
+
+use crate::agent::AgentClient;
+use crate::backend::{Backend, Liveness, SandboxSpec};
+use crate::error::{Result, RuntimeError};
+use runc::Runc;
+
+/// Settings of the container backend.
+#[derive(Debug, Clone)]
+pub struct ContainerConfig {
+    pub runc_binary: PathBuf,
+    /// runc's state root (`<state>/runc`).
+    pub runc_root: PathBuf,
+    /// Host path of the static agent binary bound into every container.
+    pub agent_binary: PathBuf,
+    /// cgroup parent under every hierarchy (`sandforge`).
+    pub cgroup_parent: String,
+    /// How long the agent may take to answer after `runc run`.
+    pub agent_timeout: Duration,
+}
+
+pub struct ContainerBackend {
+    runc: Runc,
+    agent_binary: PathBuf,
+    cgroup_parent: String,
+    agent_timeout: Duration,
+}
+
+/// The files of one container sandbox.
+struct Paths {
+    rootfs: PathBuf,
+    upper: PathBuf,
+    work: PathBuf,
+    run: PathBuf,
+    bundle: PathBuf,
+    pid: PathBuf,
+    log: PathBuf,
+    socket: PathBuf,
+}
+
+impl Paths {
+    fn of(dir: &Path) -> Self {
+        Paths {
+            rootfs: dir.join("rootfs"),
+            upper: dir.join("upper"),
+            work: dir.join("work"),
+            run: dir.join("run"),
+            bundle: dir.join("bundle"),
+            pid: dir.join("container.pid"),
+            log: dir.join("console.log"),
+            socket: dir.join("run/agent.sock"),
+        }
+    }
+}
+
+fn io<'a>(op: &'static str, p: &'a Path) -> impl FnOnce(std::io::Error) -> RuntimeError + 'a {
+    move |e| RuntimeError::io(op, p, e)
+}
+
+fn chown_shift(p: &Path, shift: u32) -> Result<()> {
+    std::os::unix::fs::chown(p, Some(shift), Some(shift)).map_err(io("chown", p))
+}
+
+impl ContainerBackend {
+    pub fn new(cfg: ContainerConfig) -> Result<Self> {
+        std::fs::create_dir_all(&cfg.runc_root).map_err(io("mkdir", &cfg.runc_root))?;
+        if !cfg.agent_binary.is_file() {
+            return Err(RuntimeError::Setup(format!(
+                "agent binary {} not found",
+                cfg.agent_binary.display()
+            )));
+        }
+        Ok(Self {
+            runc: Runc {
+                binary: cfg.runc_binary,
+                root: cfg.runc_root,
+            },
+            agent_binary: cfg.agent_binary,
+            cgroup_parent: cfg.cgroup_parent,
+            agent_timeout: cfg.agent_timeout,
+        })
+    }
+
+    fn cgroups_path(&self, id: &str) -> String {
+        format!("/{}/{}", self.cgroup_parent, id)
+    }
+
+    /// Host resources of a sandbox that are still present (for leak checks).
+    pub fn leftovers(&self, spec: &SandboxSpec) -> Vec<String> {
+        let mut left: Vec<String> = cgroup::existing_dirs(&self.cgroup_parent, &spec.id)
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        let p = Paths::of(&spec.dir);
+        if rootfs::is_mount_point(&p.rootfs) {
+            left.push(format!("mount {}", p.rootfs.display()));
+        }
+        if spec.dir.exists() {
+            left.push(format!("dir {}", spec.dir.display()));
+        }
+        left
+    }
+
+    async fn setup(&self, spec: &SandboxSpec) -> Result<AgentClient> {
+        let p = Paths::of(&spec.dir);
+        let shift = spec.template.uid_shift;
+        for d in [&spec.dir, &p.rootfs, &p.upper, &p.work, &p.run, &p.bundle] {
+            std::fs::create_dir_all(d).map_err(io("mkdir", d))?;
+        }
+        // The container's root (host uid `shift`) must traverse the sandbox
+        // directory, own its writable layer and create its socket.
+        std::fs::set_permissions(&spec.dir, std::fs::Permissions::from_mode(0o711))
+            .map_err(io("chmod", &spec.dir))?;
+        std::fs::set_permissions(&p.upper, std::fs::Permissions::from_mode(0o755))
+            .map_err(io("chmod", &p.upper))?;
+        chown_shift(&p.upper, shift)?;
+        chown_shift(&p.run, shift)?;
+        rootfs::mount_overlay(&spec.template.rootfs, &p.upper, &p.work, &p.rootfs)?;
+        write_identity_files(&p.rootfs, &spec.hostname, shift)?;
+
+        let sources = idmap::stage(&spec.dir, &spec.mounts, shift, spec::ID_RANGE)?;
+        let oci = spec::build(
+            spec,
+            &p.rootfs,
+            &self.agent_binary,
+            &p.run,
+            &sources,
+            &self.cgroups_path(&spec.id),
+        )?;
+        let cfg_path = p.bundle.join("config.json");
+        let tmp = p.bundle.join("config.json.tmp");
+        let json =
+            serde_json::to_vec_pretty(&oci).map_err(|e| RuntimeError::Setup(e.to_string()))?;
+        std::fs::write(&tmp, json).map_err(io("write", &tmp))?;
+        std::fs::rename(&tmp, &cfg_path).map_err(io("rename", &cfg_path))?;
+
+        self.runc
+            .run_detached(&spec.id, &p.bundle, &p.pid, &p.log)
+            .await?;
+        // The OOM killer must pick the sandbox's commands, never its agent.
+        if let Ok(pid) = std::fs::read_to_string(&p.pid) {
+            let adj = format!("/proc/{}/oom_score_adj", pid.trim());
+            if let Err(e) = std::fs::write(&adj, "-1000") {
+                tracing::warn!(id = %spec.id, "setting {adj}: {e}");
+            }
+        }
+        let client = AgentClient::new(&p.socket);
+        client.wait_ready(self.agent_timeout).await.map_err(|e| {
+            RuntimeError::AgentUnavailable(format!("{e}; console: {}", runc::tail_of(&p.log, 1024)))
+        })?;
+        Ok(client)
+    }
+}
+
+/// Wait (bounded) until a killed process has exited. A zombie counts as
+/// gone: it holds no resource but its pid, and reaping it is the job of the
+/// host's init, since runc re-parents the container's init there.
+async fn wait_gone(pid: u32) {
+    for _ in 0..100 {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => return,
+            Ok(stat)
+                if stat
+                    .rsplit(')')
+                    .next()
+                    .is_some_and(|rest| rest.trim_start().starts_with('Z')) =>
+            {
+                return
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    tracing::warn!(pid, "container init still present after runc delete");
+}
+
+/// `/etc/hostname` and `/etc/hosts` for the sandbox, owned by its root.
+fn write_identity_files(rootfs: &Path, hostname: &str, shift: u32) -> Result<()> {
+    let etc = rootfs.join("etc");
+    let files = [
+        ("hostname", format!("{hostname}\n")),
+        ("hosts", format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n")),
+    ];
+    for (name, content) in files {
+        let path = etc.join(name);
+        let _ = std::fs::remove_file(&path);
+        std::fs::write(&path, content).map_err(io("write", &path))?;
+        chown_shift(&path, shift)?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Backend for ContainerBackend {
+    fn isolation(&self) -> Isolation {
+        Isolation::Container
+    }
+
+    async fn start(&self, spec: &SandboxSpec) -> Result<AgentClient> {
+        match self.setup(spec).await {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                if let Err(cleanup) = self.destroy(spec).await {
+                    tracing::error!(id = %spec.id, "cleanup after failed start: {cleanup}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn probe(&self, spec: &SandboxSpec) -> Liveness {
+        match self.runc.state(&spec.id).await {
+            Ok(Some(s)) if s == "running" => Liveness::Running,
+            Ok(Some(s)) => Liveness::Dead(format!("container is {s}")),
+            Ok(None) => Liveness::Dead("container no longer exists".into()),
+            Err(e) => Liveness::Dead(e.to_string()),
+        }
+    }
+
+    fn agent(&self, spec: &SandboxSpec) -> AgentClient {
+        AgentClient::new(Paths::of(&spec.dir).socket)
+    }
+
+    async fn destroy(&self, spec: &SandboxSpec) -> Result<()> {
+        let p = Paths::of(&spec.dir);
+        let init_pid = std::fs::read_to_string(&p.pid)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        self.runc.delete_force(&spec.id).await?;
+        if let Some(pid) = init_pid {
+            wait_gone(pid).await;
+        }
+        let left = cgroup::remove(&self.cgroup_parent, &spec.id);
+        if !left.is_empty() {
+            return Err(RuntimeError::Setup(format!(
+                "cgroups still present: {left:?}"
+            )));
+        }
+        rootfs::unmount_all(&p.rootfs)?;
+        idmap::unstage(&spec.dir)?;
+        // Never recurse into a directory that still has something mounted
+        // below it: a staged host mount would have its files deleted.
+        let still = rootfs::mounts_under(&spec.dir);
+        if !still.is_empty() {
+            return Err(RuntimeError::Setup(format!(
+                "refusing to delete {}: still mounted: {still:?}",
+                spec.dir.display()
+            )));
+        }
+        if spec.dir.exists() {
+            std::fs::remove_dir_all(&spec.dir).map_err(io("remove", &spec.dir))?;
+        }
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<String>> {
+        self.runc.list().await
+    }
+}

@@ -1,0 +1,149 @@
+//! Thin wrapper over the `runc` command line. Owns invoking runc with our
+//! state root and turning its failures into errors; must not decide policy.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use crate::error::{Result, RuntimeError};
+
+/// How long one runc invocation may take before it is treated as hung.
+const RUNC_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct Runc {
+    pub binary: PathBuf,
+    /// runc's `--root`: its state directory for our containers.
+    pub root: PathBuf,
+}
+
+impl Runc {
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(&self.binary);
+        c.arg("--root").arg(&self.root);
+        c.stdin(Stdio::null());
+        c.kill_on_drop(true);
+        c
+    }
+
+    async fn output(&self, mut c: Command, what: &str) -> Result<std::process::Output> {
+        let out = tokio::time::timeout(RUNC_TIMEOUT, c.output())
+            .await
+            .map_err(|_| RuntimeError::Command {
+                tool: format!("runc {what}"),
+                message: "timed out".into(),
+            })?
+            .map_err(|e| RuntimeError::Command {
+                tool: format!("runc {what}"),
+                message: e.to_string(),
+            })?;
+        Ok(out)
+    }
+
+    /// `runc run -d`: create and start detached. The container's stdio (and
+    /// runc's own messages) go to `log`, a file, so the container never holds
+    /// a pipe to the supervisor and survives the supervisor's death.
+    pub async fn run_detached(
+        &self,
+        id: &str,
+        bundle: &Path,
+        pid_file: &Path,
+        log: &Path,
+    ) -> Result<()> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| RuntimeError::io("open", log, e))?;
+        let file2 = file
+            .try_clone()
+            .map_err(|e| RuntimeError::io("dup", log, e))?;
+        let mut c = self.cmd();
+        c.args(["run", "-d", "--bundle"])
+            .arg(bundle)
+            .arg("--pid-file")
+            .arg(pid_file)
+            .arg(id);
+        c.stdout(Stdio::from(file)).stderr(Stdio::from(file2));
+        let status = tokio::time::timeout(RUNC_TIMEOUT, c.status())
+            .await
+            .map_err(|_| RuntimeError::Command {
+                tool: "runc run".into(),
+                message: "timed out".into(),
+            })?
+            .map_err(|e| RuntimeError::Command {
+                tool: "runc run".into(),
+                message: e.to_string(),
+            })?;
+        if status.success() {
+            Ok(())
+        } else {
+            let tail = tail_of(log, 2048);
+            Err(RuntimeError::Command {
+                tool: "runc run".into(),
+                message: format!("{status}: {tail}"),
+            })
+        }
+    }
+
+    /// `runc state`: the container's status string (`running`, `stopped`, ...),
+    /// `None` when runc does not know the container.
+    pub async fn state(&self, id: &str) -> Result<Option<String>> {
+        let mut c = self.cmd();
+        c.args(["state", id]);
+        let out = self.output(c, "state").await?;
+        if !out.status.success() {
+            return Ok(None);
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| RuntimeError::Command {
+                tool: "runc state".into(),
+                message: e.to_string(),
+            })?;
+        Ok(v.get("status").and_then(|s| s.as_str()).map(str::to_string))
+    }
+
+    /// `runc delete --force`: kill every process and remove the container's
+    /// cgroups and runc state. Succeeds when the container does not exist.
+    pub async fn delete_force(&self, id: &str) -> Result<()> {
+        let mut c = self.cmd();
+        c.args(["delete", "--force", id]);
+        let out = self.output(c, "delete").await?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() || err.contains("does not exist") || err.contains("not exist") {
+            Ok(())
+        } else {
+            Err(RuntimeError::Command {
+                tool: "runc delete".into(),
+                message: err.trim().to_string(),
+            })
+        }
+    }
+
+    /// Container ids runc holds state for.
+    pub async fn list(&self) -> Result<Vec<String>> {
+        let mut c = self.cmd();
+        c.args(["list", "-q"]);
+        let out = self.output(c, "list").await?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .filter(|s| !s.is_empty())
+            .collect())
+    }
+}
+
+/// The last `max` bytes of a file, lossily decoded (for error messages).
+pub fn tail_of(path: &Path, max: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).trim().to_string()
+}

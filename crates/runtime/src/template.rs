@@ -1,0 +1,132 @@
+//! Templates: root filesystems on disk, built by `scripts/build-template.sh`
+//! into a cache directory outside any state directory. Each template is
+//! `<dir>/<name>/rootfs` plus a `template.json` manifest written last (so a
+//! half-built template is never found).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Result, RuntimeError};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    pub name: String,
+    pub rootfs: PathBuf,
+    /// Host uid/gid that is root inside (the ownership shift of the rootfs).
+    pub uid_shift: u32,
+    pub shell: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Manifest {
+    #[serde(default)]
+    uid_shift: u32,
+    #[serde(default = "default_shell")]
+    shell: String,
+}
+
+fn default_shell() -> String {
+    "/bin/sh".into()
+}
+
+#[derive(Debug, Clone)]
+pub struct TemplateStore {
+    dir: PathBuf,
+}
+
+impl TemplateStore {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Look a template up by name (names are validated by the API layer).
+    pub fn get(&self, name: &str) -> Result<Template> {
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(RuntimeError::TemplateNotFound(name.into()));
+        }
+        let base = self.dir.join(name);
+        let manifest_path = base.join("template.json");
+        let raw = match std::fs::read(&manifest_path) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(RuntimeError::TemplateNotFound(name.into()))
+            }
+            Err(e) => return Err(RuntimeError::io("read", manifest_path, e)),
+        };
+        let m: Manifest =
+            serde_json::from_slice(&raw).map_err(|e| RuntimeError::TemplateBroken {
+                name: name.into(),
+                reason: format!("template.json: {e}"),
+            })?;
+        let rootfs = base.join("rootfs");
+        if !rootfs.join("bin").exists() {
+            return Err(RuntimeError::TemplateBroken {
+                name: name.into(),
+                reason: "rootfs has no /bin".into(),
+            });
+        }
+        Ok(Template {
+            name: name.into(),
+            rootfs,
+            uid_shift: m.uid_shift,
+            shell: m.shell,
+        })
+    }
+
+    /// Names of the complete templates.
+    pub fn list(&self) -> Vec<String> {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return vec![];
+        };
+        let mut names: Vec<String> = rd
+            .flatten()
+            .filter(|e| e.path().join("template.json").exists())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_only_complete_templates() {
+        let d = tempfile_dir();
+        std::fs::create_dir_all(d.join("good/rootfs/bin")).unwrap();
+        std::fs::write(
+            d.join("good/template.json"),
+            r#"{"uid_shift":100000,"shell":"/bin/bash"}"#,
+        )
+        .unwrap();
+        std::fs::create_dir_all(d.join("half/rootfs/bin")).unwrap();
+        let store = TemplateStore::new(&d);
+        let t = store.get("good").unwrap();
+        assert_eq!((t.uid_shift, t.shell.as_str()), (100000, "/bin/bash"));
+        assert!(matches!(
+            store.get("half"),
+            Err(RuntimeError::TemplateNotFound(_))
+        ));
+        assert!(matches!(
+            store.get("../etc"),
+            Err(RuntimeError::TemplateNotFound(_))
+        ));
+        assert_eq!(store.list(), vec!["good".to_string()]);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("sf-tmpl-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}

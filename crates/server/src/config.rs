@@ -1,0 +1,159 @@
+//! Supervisor configuration: defaults, the YAML file, and command-line
+//! overrides (flag > file > default). Owns no state and does no I/O beyond
+//! reading the file.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::ServerError;
+
+/// `config.yaml`. Every key is optional.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the HTTP API.
+    pub listen: String,
+    /// Everything the daemon owns lives here (database, sandboxes, runc state).
+    pub state_dir: PathBuf,
+    /// Where templates are built and cached (outside any state directory).
+    pub template_dir: PathBuf,
+    /// Host directories (and their subdirectories) that `mounts` may bind.
+    pub allowed_host_paths: Vec<PathBuf>,
+    /// The OCI runtime binary.
+    pub runc: PathBuf,
+    /// The static guest agent; found next to the `sandforge` binary if unset.
+    pub agent_binary: Option<PathBuf>,
+    /// Live (not destroyed) sandboxes one organization may have.
+    pub max_sandboxes_per_org: u64,
+    /// Process cap of each sandbox (cgroup pids limit).
+    pub pids_limit: u64,
+    /// Seconds a new sandbox's agent has to answer before create fails.
+    pub agent_timeout_secs: u64,
+    /// Seconds between liveness checks of running sandboxes.
+    pub monitor_interval_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8585".into(),
+            state_dir: PathBuf::from("/var/lib/sandforge"),
+            template_dir: PathBuf::from("/var/cache/sandforge/templates"),
+            allowed_host_paths: vec![],
+            runc: PathBuf::from("runc"),
+            agent_binary: None,
+            max_sandboxes_per_org: 64,
+            pids_limit: 1024,
+            agent_timeout_secs: 15,
+            monitor_interval_secs: 3,
+        }
+    }
+}
+
+impl Config {
+    /// Load `path` (YAML) or the defaults, then apply overrides.
+    pub fn load(
+        path: Option<&Path>,
+        listen: Option<String>,
+        state_dir: Option<PathBuf>,
+    ) -> Result<Self, ServerError> {
+        let mut cfg = match path {
+            Some(p) => {
+                let raw = std::fs::read_to_string(p)
+                    .map_err(|e| ServerError::Config(format!("reading {}: {e}", p.display())))?;
+                if raw.trim().is_empty() {
+                    Config::default()
+                } else {
+                    serde_yaml::from_str(&raw)
+                        .map_err(|e| ServerError::Config(format!("{}: {e}", p.display())))?
+                }
+            }
+            None => Config::default(),
+        };
+        if let Some(l) = listen {
+            cfg.listen = l;
+        }
+        if let Some(s) = state_dir {
+            cfg.state_dir = s;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ServerError> {
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ServerError::Config(format!(
+                "listen: '{}' is not an address:port",
+                self.listen
+            )));
+        }
+        for p in &self.allowed_host_paths {
+            if !p.is_absolute() {
+                return Err(ServerError::Config(format!(
+                    "allowed_host_paths: {} is not absolute",
+                    p.display()
+                )));
+            }
+        }
+        if self.pids_limit < 16 {
+            return Err(ServerError::Config(
+                "pids_limit: must be at least 16".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The agent binary to install into the state directory.
+    pub fn resolve_agent_binary(&self) -> Result<PathBuf, ServerError> {
+        let mut candidates = vec![];
+        if let Some(p) = &self.agent_binary {
+            candidates.push(p.clone());
+        }
+        if let Some(p) = std::env::var_os("SANDFORGE_AGENT") {
+            candidates.push(PathBuf::from(p));
+        }
+        if let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(Path::to_path_buf))
+        {
+            // In a cargo target dir, the static build sits in the target
+            // triple's directory; an installed agent sits beside us.
+            for up in [dir.join(".."), dir.join("../..")] {
+                candidates.push(up.join("x86_64-unknown-linux-gnu/release/sandforge-agent"));
+            }
+            candidates.push(dir.join("sandforge-agent"));
+        }
+        candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+            ServerError::Config(
+                "no sandforge-agent binary found: set agent_binary, SANDFORGE_AGENT, or run scripts/setup.sh".into(),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_overrides_and_rejects_unknown_keys() {
+        let dir = std::env::temp_dir().join(format!("sf-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.yaml");
+        std::fs::write(&f, "listen: 127.0.0.1:9999\nallowed_host_paths: [/srv]\n").unwrap();
+        let c = Config::load(Some(&f), None, None).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9999");
+        assert_eq!(c.allowed_host_paths, vec![PathBuf::from("/srv")]);
+        let c = Config::load(Some(&f), Some("127.0.0.1:1".into()), Some("/x".into())).unwrap();
+        assert_eq!(
+            (c.listen.as_str(), c.state_dir.as_path()),
+            ("127.0.0.1:1", Path::new("/x"))
+        );
+        std::fs::write(&f, "lisen: x\n").unwrap();
+        assert!(Config::load(Some(&f), None, None).is_err());
+        std::fs::write(&f, "listen: nope\n").unwrap();
+        assert!(Config::load(Some(&f), None, None).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

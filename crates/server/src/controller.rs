@@ -1,0 +1,523 @@
+//! The controller: the one place that changes sandboxes. It checks requests
+//! against state (templates, host paths, quotas, ownership, status), records
+//! every transition in the database, drives the backends, keeps the agent
+//! clients of running sandboxes, reconciles state after a restart and
+//! watches for sandboxes that die. Routes call it; it must not know HTTP
+//! beyond returning [`ApiError`]s.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use rand::Rng;
+use sandforge_api::sandbox::ValidCreate;
+use sandforge_api::{CreateSandbox, Isolation, Sandbox, SandboxStatus};
+use sandforge_runtime::{
+    AgentClient, Backend, Liveness, ResolvedMount, SandboxSpec, TemplateStore,
+};
+
+use crate::config::Config;
+use crate::db::{now, Db, SandboxRow, StoredSpec};
+use crate::error::ApiError;
+
+pub struct Controller {
+    cfg: Config,
+    db: Db,
+    templates: TemplateStore,
+    backends: HashMap<&'static str, Arc<dyn Backend>>,
+    /// Agent clients of running sandboxes.
+    live: Mutex<HashMap<String, AgentClient>>,
+    /// Serializes lifecycle operations (create/destroy/fail) per sandbox.
+    ops: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    started: Instant,
+}
+
+fn new_id() -> String {
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::thread_rng();
+    let s: String = (0..12)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("sb_{s}")
+}
+
+impl Controller {
+    pub fn new(cfg: Config, db: Db, backends: Vec<Arc<dyn Backend>>) -> Self {
+        let templates = TemplateStore::new(&cfg.template_dir);
+        let backends = backends
+            .into_iter()
+            .map(|b| (b.isolation().as_str(), b))
+            .collect();
+        Controller {
+            cfg,
+            db,
+            templates,
+            backends,
+            live: Mutex::new(HashMap::new()),
+            ops: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn op_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        ops.entry(id.to_string()).or_default().clone()
+    }
+
+    fn backend(&self, iso: Isolation) -> Result<Arc<dyn Backend>, ApiError> {
+        self.backends.get(iso.as_str()).cloned().ok_or_else(|| {
+            ApiError::bad_request(
+                "isolation",
+                format!("'{}' is not available on this host", iso.as_str()),
+            )
+        })
+    }
+
+    fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.cfg.state_dir.join("sandboxes").join(id)
+    }
+
+    fn spec_for(&self, row: &SandboxRow) -> Result<SandboxSpec, ApiError> {
+        let template = self.templates.get(&row.spec.template)?;
+        Ok(SandboxSpec {
+            id: row.id.clone(),
+            dir: self.sandbox_dir(&row.id),
+            hostname: row.name.clone(),
+            cpus: row.spec.cpus,
+            memory_mb: row.spec.memory_mb,
+            pids_limit: self.cfg.pids_limit,
+            network: row.spec.network,
+            mounts: row
+                .spec
+                .mounts
+                .iter()
+                .zip(&row.spec.resolved_host_paths)
+                .map(|(m, host)| ResolvedMount {
+                    host_path: host.into(),
+                    guest_path: m.guest_path.clone(),
+                    read_only: m.read_only,
+                })
+                .collect(),
+            env: row.spec.env.clone(),
+            template,
+        })
+    }
+
+    /// The API view of a row.
+    pub fn to_api(&self, row: &SandboxRow) -> Sandbox {
+        Sandbox {
+            id: row.id.clone(),
+            name: row.name.clone(),
+            status: row.status,
+            isolation: row.spec.isolation,
+            accel: None,
+            template: row.spec.template.clone(),
+            cpu: row.spec.cpus,
+            cpus: row.spec.cpus,
+            memory_mb: row.spec.memory_mb,
+            network: row.spec.network,
+            mounts: row.spec.mounts.clone(),
+            env_keys: row.spec.env.keys().cloned().collect(),
+            metadata: row.spec.metadata.clone(),
+            created_at: row.created_at.clone(),
+            updated_at: row.updated_at.clone(),
+            status_reason: row.status_reason.clone(),
+        }
+    }
+
+    /// Check each mount's host path: it must exist and lie inside one of the
+    /// configured `allowed_host_paths` after resolving symlinks.
+    fn resolve_mounts(&self, v: &ValidCreate) -> Result<Vec<String>, ApiError> {
+        let allowed: Vec<PathBuf> = self
+            .cfg
+            .allowed_host_paths
+            .iter()
+            .filter_map(|p| std::fs::canonicalize(p).ok())
+            .collect();
+        v.mounts
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let field = format!("mounts[{i}].host_path");
+                let real = std::fs::canonicalize(&m.host_path).map_err(|e| {
+                    ApiError::bad_request(&field, format!("'{}': {e}", m.host_path))
+                })?;
+                if !allowed.iter().any(|a| real.starts_with(a)) {
+                    return Err(ApiError::forbidden(format!(
+                        "{field}: '{}' is outside the allowed host paths",
+                        m.host_path
+                    ))
+                    .field(field));
+                }
+                let s = real
+                    .to_str()
+                    .ok_or_else(|| ApiError::bad_request(&field, "path is not UTF-8"))?;
+                Ok(s.to_string())
+            })
+            .collect()
+    }
+
+    pub async fn create(&self, org: &str, req: CreateSandbox) -> Result<Sandbox, ApiError> {
+        let v = req.validate()?;
+        let isolation = v.isolation.unwrap_or(Isolation::Container);
+        let backend = self.backend(isolation)?;
+        self.templates.get(&v.template)?;
+        let resolved = self.resolve_mounts(&v)?;
+        let live = self
+            .db
+            .list_sandboxes(Some(org))?
+            .iter()
+            .filter(|r| r.status != SandboxStatus::Destroyed)
+            .count();
+        if live as u64 >= self.cfg.max_sandboxes_per_org {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "quota_exceeded",
+                format!(
+                    "organization has {live} sandboxes; the limit is {}",
+                    self.cfg.max_sandboxes_per_org
+                ),
+            ));
+        }
+        let id = new_id();
+        let name = match v.name.clone() {
+            Some(n) => {
+                if self.db.name_in_use(org, &n)? {
+                    return Err(ApiError::conflict(
+                        "name_in_use",
+                        format!("name: '{n}' is already used"),
+                    )
+                    .field("name"));
+                }
+                n
+            }
+            None => id.replace('_', "-"),
+        };
+        let ts = now();
+        let row = SandboxRow {
+            id: id.clone(),
+            org: org.to_string(),
+            name,
+            status: SandboxStatus::Creating,
+            status_reason: None,
+            spec: StoredSpec {
+                isolation,
+                template: v.template.clone(),
+                cpus: v.cpus,
+                memory_mb: v.memory_mb,
+                network: v.network,
+                mounts: v.mounts.clone(),
+                resolved_host_paths: resolved,
+                env: v.env.clone(),
+                metadata: v.metadata.clone(),
+            },
+            created_at: ts.clone(),
+            updated_at: ts,
+        };
+        let lock = self.op_lock(&id);
+        let _guard = lock.lock().await;
+        self.db.insert_sandbox(&row)?;
+        let spec = self.spec_for(&row)?;
+        let t0 = Instant::now();
+        match backend.start(&spec).await {
+            Ok(client) => {
+                self.live
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id.clone(), client);
+                self.db.set_status(&id, SandboxStatus::Running, None)?;
+                tracing::info!(%id, ms = t0.elapsed().as_millis() as u64, "sandbox running");
+            }
+            Err(e) => {
+                let reason = format!("start failed: {e}");
+                tracing::error!(%id, "{reason}");
+                self.db
+                    .set_status(&id, SandboxStatus::Failed, Some(&reason))?;
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "start_failed",
+                    reason,
+                ));
+            }
+        }
+        let row = self
+            .db
+            .get_sandbox(&id)?
+            .ok_or_else(|| ApiError::internal("sandbox vanished"))?;
+        Ok(self.to_api(&row))
+    }
+
+    /// A sandbox of `org`: 404 when unknown, 403 when another org's.
+    pub fn get(&self, org: &str, id: &str) -> Result<SandboxRow, ApiError> {
+        let row = self
+            .db
+            .get_sandbox(id)?
+            .ok_or_else(|| ApiError::not_found("sandbox", id))?;
+        if row.org != org {
+            return Err(ApiError::forbidden(format!(
+                "sandbox '{id}' belongs to another organization"
+            )));
+        }
+        Ok(row)
+    }
+
+    pub fn list(&self, org: &str, status: Option<SandboxStatus>) -> Result<Vec<Sandbox>, ApiError> {
+        Ok(self
+            .db
+            .list_sandboxes(Some(org))?
+            .iter()
+            .filter(|r| match status {
+                Some(s) => r.status == s,
+                None => r.status != SandboxStatus::Destroyed,
+            })
+            .map(|r| self.to_api(r))
+            .collect())
+    }
+
+    /// Number of sandboxes that are not destroyed (all orgs).
+    pub fn count_live(&self) -> Result<u64, ApiError> {
+        Ok(self
+            .db
+            .list_sandboxes(None)?
+            .iter()
+            .filter(|r| r.status != SandboxStatus::Destroyed)
+            .count() as u64)
+    }
+
+    /// Destroy (idempotent). Works from any state, including `creating` and
+    /// `failed`: every host resource is reclaimed before it reports success.
+    pub async fn destroy(&self, org: &str, id: &str) -> Result<(), ApiError> {
+        let row = self.get(org, id)?;
+        if row.status == SandboxStatus::Destroyed {
+            return Ok(());
+        }
+        let lock = self.op_lock(id);
+        let _guard = lock.lock().await;
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.reclaim(&row).await?;
+        self.db.set_status(id, SandboxStatus::Destroyed, None)?;
+        self.ops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        tracing::info!(%id, "sandbox destroyed");
+        Ok(())
+    }
+
+    async fn reclaim(&self, row: &SandboxRow) -> Result<(), ApiError> {
+        let backend = self.backend(row.spec.isolation)?;
+        // Destroy needs only the id and directory, so it works even when the
+        // template has vanished since.
+        let spec = self.spec_for(row).unwrap_or_else(|_| {
+            bare_spec(
+                &row.id,
+                self.sandbox_dir(&row.id),
+                sandforge_runtime::Template {
+                    name: row.spec.template.clone(),
+                    rootfs: PathBuf::new(),
+                    uid_shift: 0,
+                    shell: String::new(),
+                },
+            )
+        });
+        backend.destroy(&spec).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "destroy_failed",
+                format!("destroy failed (retry): {e}"),
+            )
+        })
+    }
+
+    /// The agent of a running sandbox of `org`; 409 when it is not running.
+    pub fn agent(&self, org: &str, id: &str) -> Result<AgentClient, ApiError> {
+        let row = self.get(org, id)?;
+        if row.status != SandboxStatus::Running {
+            return Err(not_running(&row));
+        }
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::conflict("not_running", format!("sandbox '{id}' is not running"))
+            })
+    }
+
+    /// Called when talking to an agent failed: if the sandbox died, record
+    /// it and answer 409; otherwise the agent is merely unreachable (502).
+    pub async fn agent_failed(&self, id: &str, err: impl std::fmt::Display) -> ApiError {
+        if let Ok(Some(row)) = self.db.get_sandbox(id) {
+            if let (Ok(backend), Ok(spec)) = (self.backend(row.spec.isolation), self.spec_for(&row))
+            {
+                if let Liveness::Dead(reason) = backend.probe(&spec).await {
+                    self.mark_failed(id, &reason).await;
+                    return ApiError::conflict(
+                        "not_running",
+                        format!("sandbox '{id}' is not running: {reason}"),
+                    );
+                }
+            }
+        }
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "agent_unavailable",
+            format!("sandbox agent unavailable: {err}"),
+        )
+    }
+
+    async fn mark_failed(&self, id: &str, reason: &str) {
+        let lock = self.op_lock(id);
+        let _guard = lock.lock().await;
+        if let Ok(Some(row)) = self.db.get_sandbox(id) {
+            if row.status == SandboxStatus::Running {
+                self.live
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(id);
+                tracing::warn!(%id, "sandbox failed: {reason}");
+                if let Err(e) = self.db.set_status(id, SandboxStatus::Failed, Some(reason)) {
+                    tracing::error!(%id, "recording failure: {e}");
+                }
+            }
+        }
+    }
+
+    /// After a (re)start: adopt running sandboxes, fail the ones that died or
+    /// were mid-create, and reclaim resources nobody owns any more.
+    pub async fn reconcile(&self) -> Result<(), ApiError> {
+        let rows = self.db.list_sandboxes(None)?;
+        for row in &rows {
+            match row.status {
+                SandboxStatus::Running => {
+                    let backend = self.backend(row.spec.isolation)?;
+                    let spec = match self.spec_for(row) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            self.db
+                                .set_status(&row.id, SandboxStatus::Failed, Some(&e.message))?;
+                            continue;
+                        }
+                    };
+                    match backend.probe(&spec).await {
+                        Liveness::Running => {
+                            let client = backend.agent(&spec);
+                            self.live
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(row.id.clone(), client);
+                            tracing::info!(id = %row.id, "re-attached running sandbox");
+                        }
+                        Liveness::Dead(reason) => {
+                            tracing::warn!(id = %row.id, "sandbox died while the supervisor was down: {reason}");
+                            self.db
+                                .set_status(&row.id, SandboxStatus::Failed, Some(&reason))?;
+                        }
+                    }
+                }
+                SandboxStatus::Creating | SandboxStatus::Starting => {
+                    let reason = "supervisor restarted while the sandbox was being created";
+                    if let Err(e) = self.reclaim(row).await {
+                        tracing::warn!(id = %row.id, "reclaiming half-created sandbox: {}", e.message);
+                    }
+                    self.db
+                        .set_status(&row.id, SandboxStatus::Failed, Some(reason))?;
+                }
+                _ => {}
+            }
+        }
+        // Orphans: backend resources whose sandbox the database calls destroyed
+        // or does not know.
+        let known: HashMap<&str, &SandboxRow> = rows.iter().map(|r| (r.id.as_str(), r)).collect();
+        for backend in self.backends.values() {
+            for id in backend.list().await.unwrap_or_default() {
+                let owned = known
+                    .get(id.as_str())
+                    .is_some_and(|r| r.status != SandboxStatus::Destroyed);
+                if !owned {
+                    tracing::warn!(%id, "reclaiming orphaned sandbox");
+                    let dir = self.sandbox_dir(&id);
+                    if let Some(row) = known.get(id.as_str()) {
+                        let _ = self.reclaim(row).await;
+                    } else if let Ok(t) =
+                        self.templates.get(sandforge_api::sandbox::DEFAULT_TEMPLATE)
+                    {
+                        let spec = bare_spec(&id, dir, t);
+                        let _ = backend.destroy(&spec).await;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Periodically check running sandboxes; record the ones that died.
+    pub async fn monitor(self: Arc<Self>) {
+        let every = Duration::from_secs(self.cfg.monitor_interval_secs.max(1));
+        loop {
+            tokio::time::sleep(every).await;
+            let ids: Vec<String> = self
+                .live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .cloned()
+                .collect();
+            for id in ids {
+                let Ok(Some(row)) = self.db.get_sandbox(&id) else {
+                    continue;
+                };
+                let (Ok(backend), Ok(spec)) =
+                    (self.backend(row.spec.isolation), self.spec_for(&row))
+                else {
+                    continue;
+                };
+                if let Liveness::Dead(reason) = backend.probe(&spec).await {
+                    self.mark_failed(&id, &reason).await;
+                }
+            }
+        }
+    }
+}
+
+/// A spec with just enough in it to find and destroy a sandbox's resources.
+fn bare_spec(id: &str, dir: PathBuf, template: sandforge_runtime::Template) -> SandboxSpec {
+    SandboxSpec {
+        id: id.to_string(),
+        dir,
+        hostname: id.to_string(),
+        cpus: 1,
+        memory_mb: 0,
+        pids_limit: 0,
+        network: sandforge_api::Network::Offline,
+        mounts: vec![],
+        env: Default::default(),
+        template,
+    }
+}
+
+pub fn not_running(row: &SandboxRow) -> ApiError {
+    let mut msg = format!("sandbox '{}' is {}", row.id, row.status.as_str());
+    if let Some(r) = &row.status_reason {
+        msg.push_str(&format!(": {r}"));
+    }
+    ApiError::conflict("not_running", msg)
+}

@@ -1,0 +1,42 @@
+//! The HTTP surface: maps routes to controller calls. Thin by design: it
+//! parses, authenticates (via the [`crate::auth::Caller`] extractor) and
+//! shapes responses; decisions live in the controller.
+//!
+//! Every route exists both under `/v1` (seeds 000/001) and at the root
+//! (seed 002's `/sandboxes/...`).
+
+mod exec;
+mod files;
+mod health;
+mod sandboxes;
+
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::error::{method_not_allowed, not_found_route};
+use crate::AppState;
+
+fn api() -> Router<AppState> {
+    Router::new()
+        .route("/sandboxes", post(sandboxes::create).get(sandboxes::list))
+        .route(
+            "/sandboxes/{id}",
+            get(sandboxes::get_one).delete(sandboxes::destroy),
+        )
+        .route("/sandboxes/{id}/execute", post(exec::execute))
+        .route("/sandboxes/{id}/exec", post(exec::exec))
+        .route(
+            "/sandboxes/{id}/files",
+            get(files::get).head(files::head).put(files::put),
+        )
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health::health))
+        .nest("/v1", api())
+        .merge(api())
+        .fallback(not_found_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}

@@ -1,0 +1,64 @@
+//! `/sandboxes`: create, list, get, destroy.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::Json;
+use http::StatusCode;
+use sandforge_api::{CreateSandbox, DeleteResponse, Sandbox, SandboxStatus};
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::json::ApiJson;
+use crate::AppState;
+
+pub async fn create(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<CreateSandbox>,
+) -> Result<(StatusCode, Json<Sandbox>), ApiError> {
+    let sb = st.controller.create(&caller.org, req).await?;
+    Ok((StatusCode::CREATED, Json(sb)))
+}
+
+pub async fn list(
+    State(st): State<AppState>,
+    caller: Caller,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Vec<Sandbox>>, ApiError> {
+    if let Some(k) = q.keys().find(|k| k.as_str() != "status") {
+        return Err(ApiError::bad_request(k, "unknown query parameter"));
+    }
+    let status = match q.get("status") {
+        None => None,
+        Some(s) => Some(SandboxStatus::parse(s).ok_or_else(|| {
+            ApiError::bad_request(
+                "status",
+                format!("'{s}' is not one of creating, starting, running, suspended, stopped, failed, destroyed"),
+            )
+        })?),
+    };
+    Ok(Json(st.controller.list(&caller.org, status)?))
+}
+
+pub async fn get_one(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Sandbox>, ApiError> {
+    let row = st.controller.get(&caller.org, &id)?;
+    Ok(Json(st.controller.to_api(&row)))
+}
+
+pub async fn destroy(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<DeleteResponse>, ApiError> {
+    st.controller.destroy(&caller.org, &id).await?;
+    Ok(Json(DeleteResponse {
+        id,
+        status: "terminated".into(),
+        message: "Sandbox resources reclaimed successfully.".into(),
+    }))
+}

@@ -1,0 +1,178 @@
+//! Nothing lost, nothing left: sandboxes survive `kill -9` of the daemon,
+//! a dead sandbox is reported as failed, and destroy reclaims every host
+//! resource (processes, mounts, cgroups, directories, runc state).
+
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use sandforge_tests::Daemon;
+use serde_json::json;
+
+#[tokio::test]
+async fn sandboxes_survive_a_daemon_kill9_and_restart() {
+    let mut d = Daemon::start().await;
+    let a = d.create(json!({"name": "keeper"})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let b = d.create(json!({})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.sh_ok(
+        &a,
+        "echo precious > /root/data.txt; nohup sleep 1000 >/dev/null 2>&1 &",
+    )
+    .await;
+    let pid_before = d.container_pid(&a);
+
+    d.kill9();
+    // While the daemon is down the sandbox keeps running.
+    assert!(std::path::Path::new(&format!("/proc/{pid_before}")).exists());
+    d.restart().await;
+
+    let (_, list) = d.call(Method::GET, "/v1/sandboxes", None).await;
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{list}");
+    assert!(ids.contains(&a.as_str()) && ids.contains(&b.as_str()));
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["status"] == "running"),
+        "{list}"
+    );
+    // Same sandbox, same processes, same files; exec works.
+    assert_eq!(d.container_pid(&a), pid_before);
+    assert_eq!(d.sh_ok(&a, "cat /root/data.txt").await, "precious\n");
+    assert_eq!(
+        d.sh_ok(&a, "ps -eo args | grep -c '^sleep 1000'").await,
+        "1\n"
+    );
+    assert_eq!(d.sh_ok(&b, "echo b-ok").await, "b-ok\n");
+    // Its name is still taken.
+    let (s, _) = d
+        .call(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"name": "keeper"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    d.destroy(&a).await;
+    d.destroy(&b).await;
+}
+
+/// A killed container init is re-parented to the host's init, which reaps
+/// it; until then it is a zombie holding nothing.
+fn gone_or_zombie(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z')),
+    }
+}
+
+#[tokio::test]
+async fn destroy_reclaims_every_resource() {
+    let d = Daemon::start().await;
+    let id = d.create(json!({"memory_mb": 256})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.sh_ok(&id, "nohup sleep 1000 >/dev/null 2>&1 & echo started")
+        .await;
+    let pid = d.container_pid(&id);
+    assert!(
+        !d.leftovers(&id).is_empty(),
+        "a live sandbox must hold resources (sanity check of the probe)"
+    );
+    d.destroy(&id).await;
+    assert!(gone_or_zombie(pid), "init process {pid} survived");
+    // No process of the shifted uid range is left running on the host.
+    let stray: Vec<_> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("cmdline")).ok())
+        .filter(|c| c.starts_with("sleep\u{0}1000"))
+        .collect();
+    assert!(stray.is_empty(), "stray processes: {stray:?}");
+    assert_eq!(d.leftovers(&id), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_sandbox_whose_agent_dies_is_failed_then_destroyable() {
+    let d = Daemon::start().await;
+    let id = d.create(json!({})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pid = d.container_pid(&id);
+    // Kill the agent (the container's init) from the host.
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let sb = loop {
+        let (_, sb) = d
+            .call(Method::GET, &format!("/v1/sandboxes/{id}"), None)
+            .await;
+        if sb["status"] == "failed" {
+            break sb;
+        }
+        assert!(Instant::now() < deadline, "never marked failed: {sb}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        sb["status_reason"].as_str().unwrap_or_default().len() > 3,
+        "{sb}"
+    );
+    let (s, v) = d
+        .call(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/execute"),
+            Some(json!({"command": "true"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    d.destroy(&id).await;
+    assert_eq!(d.leftovers(&id), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn state_is_in_one_sqlite_file() {
+    let d = Daemon::start().await;
+    let id = d.create(json!({})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let db = d.state_dir().join("sandforge.db");
+    let out = std::process::Command::new("sqlite3")
+        .arg(&db)
+        .arg(format!(
+            "SELECT status FROM sandbox_events WHERE sandbox_id = '{id}' ORDER BY seq"
+        ))
+        .output()
+        .expect("sqlite3 CLI");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "creating\nrunning\n");
+    // Tokens are stored hashed, never in clear.
+    let out = std::process::Command::new("sqlite3")
+        .arg(&db)
+        .arg("SELECT hash FROM tokens")
+        .output()
+        .unwrap();
+    let hashes = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !hashes.contains(sandforge_tests::TOKEN) && hashes.trim().len() == 64,
+        "{hashes}"
+    );
+    d.destroy(&id).await;
+}

@@ -1,0 +1,301 @@
+//! Test harness: starts the real `sandforge` daemon on a free loopback port
+//! with a fresh state directory and drives it over HTTP. Nothing here is a
+//! mock: the daemon runs real runc containers from the real template and
+//! keeps its state in a real SQLite file.
+//!
+//! Needs the workspace built first (`scripts/test.sh` does it): the debug
+//! `sandforge` binary beside the test executable and the static agent in
+//! `target/x86_64-unknown-linux-gnu/release/`.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+/// The admin token of the `default` org in every test daemon.
+pub const TOKEN: &str = "sf_test_admin_token";
+
+/// Path of a workspace binary built next to the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.is_file(),
+        "{} not built: run scripts/test.sh (or cargo build --workspace)",
+        p.display()
+    );
+    p
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A scratch directory under /var/tmp that the containers' mapped root can
+/// traverse (0711), removed on drop.
+pub fn scratch_dir(prefix: &str) -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    d
+}
+
+pub struct Daemon {
+    pub url: String,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    child: Option<Child>,
+    pub http: reqwest::Client,
+}
+
+impl Daemon {
+    /// Start a daemon whose config allows host mounts under `allowed`.
+    pub async fn start_with(allowed: &[&Path]) -> Daemon {
+        let dir = scratch_dir("sf-test-");
+        let port = free_port();
+        let config = dir.path().join("config.yaml");
+        let mut f = std::fs::File::create(&config).unwrap();
+        writeln!(f, "listen: 127.0.0.1:{port}").unwrap();
+        writeln!(f, "state_dir: {}", dir.path().join("state").display()).unwrap();
+        writeln!(f, "monitor_interval_secs: 1").unwrap();
+        let list: Vec<String> = allowed
+            .iter()
+            .map(|p| format!("\"{}\"", p.display()))
+            .collect();
+        writeln!(f, "allowed_host_paths: [{}]", list.join(", ")).unwrap();
+        drop(f);
+        let mut d = Daemon {
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            dir,
+            config,
+            child: None,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .unwrap(),
+        };
+        d.spawn().await;
+        d
+    }
+
+    pub async fn start() -> Daemon {
+        Self::start_with(&[]).await
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .unwrap();
+        let child = Command::new(bin("sandforge"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config)
+            .env("SANDFORGE_TOKEN", TOKEN)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn sandforge serve");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/health", self.url)).send().await {
+                if r.status() == StatusCode::OK {
+                    return;
+                }
+            }
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("daemon exited with {st}: {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not become healthy: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL the daemon (no chance to clean up), leaving sandboxes running.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Start again on the same port and state directory.
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.spawn().await;
+    }
+
+    /// Mint a token for another organization with the CLI.
+    pub fn token_for(&self, org: &str) -> String {
+        let out = Command::new(bin("sandforge"))
+            .args(["token", "create", "--org", org, "--state-dir"])
+            .arg(self.state_dir())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    pub fn req(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{}", self.url, path))
+            .bearer_auth(TOKEN)
+    }
+
+    /// Send JSON as `TOKEN`; returns status and parsed body (Null if empty).
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut r = self.req(method, path);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)
+                .unwrap_or_else(|_| panic!("non-JSON body ({status}): {text}"))
+        };
+        (status, v)
+    }
+
+    /// Create a sandbox, asserting 201; returns its JSON.
+    pub async fn create(&self, body: Value) -> Value {
+        let (s, v) = self.call(Method::POST, "/v1/sandboxes", Some(body)).await;
+        assert_eq!(s, StatusCode::CREATED, "create failed: {v}\n{}", self.log());
+        v
+    }
+
+    /// Run a shell command through `/execute`, asserting 200.
+    pub async fn sh(&self, id: &str, command: &str) -> Value {
+        let (s, v) = self
+            .call(
+                Method::POST,
+                &format!("/v1/sandboxes/{id}/execute"),
+                Some(json!({ "command": command })),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "execute failed: {v}");
+        v
+    }
+
+    /// stdout of a command that must exit 0.
+    pub async fn sh_ok(&self, id: &str, command: &str) -> String {
+        let v = self.sh(id, command).await;
+        assert_eq!(v["exit_code"], 0, "`{command}` failed: {v}");
+        v["stdout"].as_str().unwrap().to_string()
+    }
+
+    pub async fn destroy(&self, id: &str) {
+        let (s, v) = self
+            .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+            .await;
+        assert_eq!(s, StatusCode::OK, "destroy failed: {v}");
+    }
+
+    /// Host pid of a container sandbox's init (its agent).
+    pub fn container_pid(&self, id: &str) -> u32 {
+        let p = self
+            .state_dir()
+            .join("sandboxes")
+            .join(id)
+            .join("container.pid");
+        std::fs::read_to_string(&p).unwrap().trim().parse().unwrap()
+    }
+
+    /// Host resources a sandbox still holds: cgroups, mounts, its directory,
+    /// runc state. Empty after a proper destroy.
+    pub fn leftovers(&self, id: &str) -> Vec<String> {
+        let mut left = vec![];
+        if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+            for e in rd.flatten() {
+                for p in [
+                    e.path().join("sandforge").join(id),
+                    PathBuf::from("/sys/fs/cgroup/sandforge").join(id),
+                ] {
+                    if p.exists() {
+                        left.push(p.display().to_string());
+                    }
+                }
+            }
+        }
+        let dir = self.state_dir().join("sandboxes").join(id);
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        if mounts.contains(&*dir.to_string_lossy()) {
+            left.push(format!("mount under {}", dir.display()));
+        }
+        if dir.exists() {
+            left.push(format!("dir {}", dir.display()));
+        }
+        if self.state_dir().join("runc").join(id).exists() {
+            left.push("runc state".into());
+        }
+        left.sort();
+        left.dedup();
+        left
+    }
+}
+
+impl Drop for Daemon {
+    /// Kill the daemon, then reclaim whatever sandboxes a failed test left
+    /// behind, so one failure does not leak into the machine.
+    fn drop(&mut self) {
+        self.kill9();
+        let state = self.state_dir();
+        let Ok(rd) = std::fs::read_dir(state.join("sandboxes")) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let id = e.file_name().to_string_lossy().to_string();
+            let _ = Command::new("runc")
+                .arg("--root")
+                .arg(state.join("runc"))
+                .args(["delete", "--force", &id])
+                .output();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(e.path().join("rootfs"))
+                .output();
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
