@@ -69,10 +69,9 @@ async fn lifecycle_and_cross_org_isolation() {
 
     // The sandbox env reaches commands; the request env adds to it.
     let v = d
-        .call(
-            Method::POST,
-            &format!("/v1/sandboxes/{id}/execute"),
-            Some(json!({"command": "echo $GREETING $EXTRA", "env": {"EXTRA": "there"}})),
+        .execute(
+            &id,
+            json!({"command": "echo $GREETING $EXTRA", "env": {"EXTRA": "there"}}),
         )
         .await
         .1;
@@ -146,13 +145,7 @@ async fn lifecycle_and_cross_org_isolation() {
         .call(Method::GET, "/v1/sandboxes?status=destroyed", None)
         .await;
     assert_eq!(gone.as_array().unwrap().len(), 1);
-    let (s, v) = d
-        .call(
-            Method::POST,
-            &format!("/v1/sandboxes/{id}/execute"),
-            Some(json!({"command": "true"})),
-        )
-        .await;
+    let (s, v) = d.execute(&id, json!({"command": "true"})).await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
     assert_eq!(v["error"]["code"], "not_running");
     let (s, _) = d
@@ -176,11 +169,7 @@ async fn execute_and_exec_buffered() {
     );
 
     let (s, v) = d
-        .call(
-            Method::POST,
-            &format!("/v1/sandboxes/{id}/execute"),
-            Some(json!({"command": "pwd", "cwd": "/tmp"})),
-        )
+        .execute(&id, json!({"command": "pwd", "cwd": "/tmp"}))
         .await;
     assert_eq!(
         (s, v["stdout"].as_str().unwrap()),
@@ -274,10 +263,9 @@ async fn timeout_kills_the_whole_process_group() {
         .unwrap()
         .to_string();
     let (s, v) = d
-        .call(
-            Method::POST,
-            &format!("/v1/sandboxes/{id}/execute"),
-            Some(json!({"command": "sleep 1000 & sleep 1001; echo never", "timeout_seconds": 1})),
+        .execute(
+            &id,
+            json!({"command": "sleep 1000 & sleep 1001; echo never", "timeout_seconds": 1}),
         )
         .await;
     assert_eq!(s, StatusCode::OK);
@@ -347,13 +335,7 @@ async fn seed_000_npm_test_in_a_mounted_project() {
         }))
         .await;
     let id = sb["id"].as_str().unwrap();
-    let (s, v) = d
-        .call(
-            Method::POST,
-            &format!("/v1/sandboxes/{id}/execute"),
-            Some(json!({"command": "cd /workspace && npm run test --silent", "timeout_seconds": 60, "env": {"NODE_ENV": "test"}})),
-        )
-        .await;
+    let (s, v) = d.execute(&id, json!({"command": "cd /workspace && npm run test --silent", "timeout_seconds": 60, "env": {"NODE_ENV": "test"}})).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["exit_code"], 0, "{v}");
     assert_eq!(

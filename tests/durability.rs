@@ -135,13 +135,7 @@ async fn a_sandbox_whose_agent_dies_is_failed_then_destroyable() {
         sb["status_reason"].as_str().unwrap_or_default().len() > 3,
         "{sb}"
     );
-    let (s, v) = d
-        .call(
-            Method::POST,
-            &format!("/v1/sandboxes/{id}/execute"),
-            Some(json!({"command": "true"})),
-        )
-        .await;
+    let (s, v) = d.execute(&id, json!({"command": "true"})).await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
     d.destroy(&id).await;
     assert_eq!(d.leftovers(&id), Vec::<String>::new());

@@ -205,6 +205,16 @@ impl Daemon {
         v
     }
 
+    /// `POST /v1/sandboxes/{id}/execute` with `body`: status and JSON.
+    pub async fn execute(&self, id: &str, body: Value) -> (StatusCode, Value) {
+        self.call(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/execute"),
+            Some(body),
+        )
+        .await
+    }
+
     /// Run a shell command through `/execute`, asserting 200.
     pub async fn sh(&self, id: &str, command: &str) -> Value {
         let (s, v) = self
