@@ -335,7 +335,7 @@ async fn seed_000_npm_test_in_a_mounted_project() {
         }))
         .await;
     let id = sb["id"].as_str().unwrap();
-    let (s, v) = d.execute(&id, json!({"command": "cd /workspace && npm run test --silent", "timeout_seconds": 60, "env": {"NODE_ENV": "test"}})).await;
+    let (s, v) = d.execute(id, json!({"command": "cd /workspace && npm run test --silent", "timeout_seconds": 60, "env": {"NODE_ENV": "test"}})).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["exit_code"], 0, "{v}");
     assert_eq!(

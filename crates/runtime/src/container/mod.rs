@@ -247,10 +247,13 @@ impl Backend for ContainerBackend {
         let init_pid = std::fs::read_to_string(&p.pid)
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok());
-        self.runc.delete_force(&spec.id).await?;
+        if let Err(e) = self.runc.kill(&spec.id).await {
+            tracing::debug!(id = %spec.id, "runc kill: {e}");
+        }
         if let Some(pid) = init_pid {
             wait_gone(pid).await;
         }
+        self.runc.delete_force(&spec.id).await?;
         let left = cgroup::remove(&self.cgroup_parent, &spec.id);
         if !left.is_empty() {
             return Err(RuntimeError::Setup(format!(

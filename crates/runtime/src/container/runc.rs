@@ -105,6 +105,28 @@ impl Runc {
         Ok(v.get("status").and_then(|s| s.as_str()).map(str::to_string))
     }
 
+    /// `runc kill <id> KILL`; succeeds when the container is already gone or
+    /// stopped (the caller then waits for the init itself, which is faster
+    /// than `delete --force`, whose kill path sleeps a fixed 100 ms).
+    pub async fn kill(&self, id: &str) -> Result<()> {
+        let mut c = self.cmd();
+        c.args(["kill", id, "KILL"]);
+        let out = self.output(c, "kill").await?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.success()
+            || err.contains("not exist")
+            || err.contains("not running")
+            || err.contains("stopped")
+        {
+            Ok(())
+        } else {
+            Err(RuntimeError::Command {
+                tool: "runc kill".into(),
+                message: err.trim().to_string(),
+            })
+        }
+    }
+
     /// `runc delete --force`: kill every process and remove the container's
     /// cgroups and runc state. Succeeds when the container does not exist.
     pub async fn delete_force(&self, id: &str) -> Result<()> {
