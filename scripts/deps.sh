@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Sandforge needs on Debian 12, idempotently: Debian packages
-# (only the missing ones) and the default template (built once, cached in
-# /var/cache/sandforge/templates). Safe to run again and again.
+# (only the missing ones), the default template (built once, cached in
+# /var/cache/sandforge/templates) and the microVM guest kernel and root
+# image (cached in /var/cache/sandforge/guest). Safe to run again and again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +15,7 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
-PKGS=(runc debootstrap sqlite3 file iproute2 util-linux python3 ca-certificates)
+PKGS=(runc debootstrap sqlite3 file iproute2 util-linux python3 ca-certificates qemu-system-x86 qemu-utils e2fsprogs)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -26,3 +27,4 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 scripts/build-template.sh default
+scripts/build-guest.sh

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
-use sandforge_tests::Daemon;
+use sandforge_tests::{gone_or_zombie, Daemon};
 use serde_json::json;
 
 #[tokio::test]
@@ -66,18 +66,6 @@ async fn sandboxes_survive_a_daemon_kill9_and_restart() {
     assert_eq!(s, StatusCode::CONFLICT);
     d.destroy(&a).await;
     d.destroy(&b).await;
-}
-
-/// A killed container init is re-parented to the host's init, which reaps
-/// it; until then it is a zombie holding nothing.
-fn gone_or_zombie(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|r| r.trim_start().starts_with('Z')),
-    }
 }
 
 #[tokio::test]

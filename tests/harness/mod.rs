@@ -51,6 +51,18 @@ pub fn scratch_dir(prefix: &str) -> tempfile::TempDir {
     d
 }
 
+/// A killed sandbox process is re-parented to the host's init, which reaps
+/// it; until then it is a zombie holding nothing but its pid.
+pub fn gone_or_zombie(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z')),
+    }
+}
+
 pub struct Daemon {
     pub url: String,
     pub port: u16,
@@ -110,7 +122,10 @@ impl Daemon {
             .arg("--config")
             .arg(&self.config)
             .env("SANDFORGE_TOKEN", TOKEN)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("SANDFORGE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -289,6 +304,22 @@ impl Drop for Daemon {
     /// Kill the daemon, then reclaim whatever sandboxes a failed test left
     /// behind, so one failure does not leak into the machine.
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail = &log[log.len().saturating_sub(6000)..];
+            eprintln!("---- daemon log (tail) ----\n{tail}");
+            if let Ok(rd) = std::fs::read_dir(self.state_dir().join("sandboxes")) {
+                for e in rd.flatten() {
+                    let c =
+                        std::fs::read_to_string(e.path().join("console.log")).unwrap_or_default();
+                    let tail = &c[c.len().saturating_sub(3000)..];
+                    eprintln!(
+                        "---- console of {} (tail) ----\n{tail}",
+                        e.file_name().to_string_lossy()
+                    );
+                }
+            }
+        }
         self.kill9();
         let state = self.state_dir();
         let Ok(rd) = std::fs::read_dir(state.join("sandboxes")) else {
@@ -296,6 +327,10 @@ impl Drop for Daemon {
         };
         for e in rd.flatten() {
             let id = e.file_name().to_string_lossy().to_string();
+            // A VM: kill its QEMU (it outlives the daemon by design).
+            if let Ok(pid) = std::fs::read_to_string(e.path().join("qemu.pid")) {
+                let _ = Command::new("kill").args(["-9", pid.trim()]).output();
+            }
             let _ = Command::new("runc")
                 .arg("--root")
                 .arg(state.join("runc"))

@@ -8,10 +8,13 @@
 //!
 //! Usage: `sandforge-agent --listen /path/agent.sock` (unix socket, for
 //! containers) or `sandforge-agent --device /dev/vport0p1` (character device,
-//! for microVMs); `--version` prints the version.
+//! for microVMs); `--version` prints the version. Run as `/init` (or with
+//! `--init`) as PID 1 of a microVM's initramfs, it boots the guest first and
+//! then execs its own `--device` mode (see [`init`]).
 
 mod exec;
 mod files;
+mod init;
 mod lines;
 mod query;
 mod reaper;
@@ -76,7 +79,14 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cmd, String> {
 }
 
 fn main() -> ExitCode {
-    let cmd = match parse_args(std::env::args().skip(1)) {
+    let mut args = std::env::args();
+    let argv0 = args.next().unwrap_or_default();
+    let args: Vec<String> = args.collect();
+    // Before any thread exists: init mode ends in exec or power-off.
+    if init::requested(&argv0, &args) {
+        init::run();
+    }
+    let cmd = match parse_args(args) {
         Ok(cmd) => cmd,
         Err(msg) => {
             eprintln!("sandforge-agent: {msg}\n{USAGE}");

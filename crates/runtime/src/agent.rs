@@ -77,10 +77,13 @@ impl AgentClient {
         let stream = UnixStream::connect(&self.inner.socket).await.map_err(|e| {
             RuntimeError::AgentUnavailable(format!("{}: {e}", self.inner.socket.display()))
         })?;
+        // No HTTP/2 keep-alive pings: over a virtio-serial port a slow boot
+        // would trip the ping timeout, and the reconnect that follows leaves
+        // the first connection's bytes queued in the guest's port buffers,
+        // ahead of the new preface. Liveness is the monitor's job (it probes
+        // the VM or container process), not the connection's.
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(20))
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| RuntimeError::AgentUnavailable(format!("http/2 handshake: {e}")))?;
@@ -254,6 +257,16 @@ pub struct ExecStream {
 }
 
 impl ExecStream {
+    /// After the exit frame, read the stream to its end (bounded) so that it
+    /// closes normally instead of being reset by dropping it: a completed
+    /// exec should never look like a cancelled one to the agent.
+    async fn drain(&mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(_)) = self.body.frame().await {}
+        })
+        .await;
+    }
+
     /// The next frame; `None` after the exit frame. An error when the stream
     /// breaks before the exit frame (agent or sandbox gone).
     pub async fn next(&mut self) -> Option<Result<sandforge_agent_proto::Frame>> {
@@ -266,6 +279,7 @@ impl ExecStream {
                 Ok(Some(f)) => {
                     if matches!(f, Frame::Exit(_)) {
                         self.done = true;
+                        self.drain().await;
                     }
                     return Some(Ok(f));
                 }

@@ -11,6 +11,7 @@ pub mod agent;
 pub mod backend;
 pub mod container;
 pub mod error;
+pub mod microvm;
 pub mod template;
 
 pub use agent::AgentClient;

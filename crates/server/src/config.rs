@@ -32,6 +32,19 @@ pub struct Config {
     pub agent_timeout_secs: u64,
     /// Seconds between liveness checks of running sandboxes.
     pub monitor_interval_secs: u64,
+    /// Isolation when a create does not say: `auto` (microvm where the host
+    /// has hardware KVM, container otherwise), `container` or `microvm`.
+    pub default_isolation: String,
+    /// QEMU accelerator: `auto` (KVM with hardware virtualization, else TCG),
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    /// QEMU and qemu-img binaries.
+    pub qemu: PathBuf,
+    pub qemu_img: PathBuf,
+    /// Guest kernel and modules (built by scripts/build-guest.sh).
+    pub guest_dir: PathBuf,
+    /// Seconds a VM has from QEMU start to its agent answering.
+    pub vm_boot_timeout_secs: u64,
 }
 
 impl Default for Config {
@@ -47,6 +60,12 @@ impl Default for Config {
             pids_limit: 1024,
             agent_timeout_secs: 15,
             monitor_interval_secs: 3,
+            default_isolation: "auto".into(),
+            accel: "auto".into(),
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            qemu_img: PathBuf::from("qemu-img"),
+            guest_dir: PathBuf::from("/var/cache/sandforge/guest"),
+            vm_boot_timeout_secs: 60,
         }
     }
 }
@@ -95,6 +114,18 @@ impl Config {
                     p.display()
                 )));
             }
+        }
+        if !["auto", "container", "microvm"].contains(&self.default_isolation.as_str()) {
+            return Err(ServerError::Config(format!(
+                "default_isolation: '{}' is not one of auto, container, microvm",
+                self.default_isolation
+            )));
+        }
+        if !["auto", "kvm", "tcg"].contains(&self.accel.as_str()) {
+            return Err(ServerError::Config(format!(
+                "accel: '{}' is not one of auto, kvm, tcg",
+                self.accel
+            )));
         }
         if self.pids_limit < 16 {
             return Err(ServerError::Config(

@@ -24,6 +24,10 @@ use crate::error::ApiError;
 
 pub struct Controller {
     cfg: Config,
+    /// Isolation used when a create does not name one.
+    default_isolation: Isolation,
+    /// The microVM accelerator, when that backend is available.
+    accel: Option<String>,
     db: Db,
     templates: TemplateStore,
     backends: HashMap<&'static str, Arc<dyn Backend>>,
@@ -44,13 +48,24 @@ fn new_id() -> String {
 }
 
 impl Controller {
-    pub fn new(cfg: Config, db: Db, backends: Vec<Arc<dyn Backend>>) -> Self {
+    /// `accel` is the microVM backend's accelerator when it is among
+    /// `backends`; with `default_isolation: auto` a VM is the default only
+    /// on hardware KVM.
+    pub fn new(cfg: Config, db: Db, backends: Vec<Arc<dyn Backend>>, accel: Option<&str>) -> Self {
         let templates = TemplateStore::new(&cfg.template_dir);
-        let backends = backends
+        let backends: HashMap<&'static str, Arc<dyn Backend>> = backends
             .into_iter()
             .map(|b| (b.isolation().as_str(), b))
             .collect();
+        let default_isolation = match cfg.default_isolation.as_str() {
+            "microvm" => Isolation::Microvm,
+            "container" => Isolation::Container,
+            _ if accel == Some("kvm") && backends.contains_key("microvm") => Isolation::Microvm,
+            _ => Isolation::Container,
+        };
         Controller {
+            default_isolation,
+            accel: accel.map(str::to_string),
             cfg,
             db,
             templates,
@@ -124,7 +139,7 @@ impl Controller {
             name: row.name.clone(),
             status: row.status,
             isolation: row.spec.isolation,
-            accel: None,
+            accel: row.spec.accel.clone(),
             template: row.spec.template.clone(),
             cpu: row.spec.cpus,
             cpus: row.spec.cpus,
@@ -173,7 +188,7 @@ impl Controller {
 
     pub async fn create(&self, org: &str, req: CreateSandbox) -> Result<Sandbox, ApiError> {
         let v = req.validate()?;
-        let isolation = v.isolation.unwrap_or(Isolation::Container);
+        let isolation = v.isolation.unwrap_or(self.default_isolation);
         let backend = self.backend(isolation)?;
         self.templates.get(&v.template)?;
         let resolved = self.resolve_mounts(&v)?;
@@ -216,6 +231,11 @@ impl Controller {
             status_reason: None,
             spec: StoredSpec {
                 isolation,
+                accel: if isolation == Isolation::Microvm {
+                    self.accel.clone()
+                } else {
+                    None
+                },
                 template: v.template.clone(),
                 cpus: v.cpus,
                 memory_mb: v.memory_mb,
@@ -344,6 +364,16 @@ impl Controller {
                 format!("destroy failed (retry): {e}"),
             )
         })
+    }
+
+    /// The last `max` bytes of a sandbox's console (serial console of a VM,
+    /// stdio of a container's init), kept until the sandbox is destroyed.
+    pub fn console(&self, org: &str, id: &str, max: u64) -> Result<String, ApiError> {
+        self.get(org, id)?;
+        Ok(sandforge_runtime::container::runc::tail_of(
+            &self.sandbox_dir(id).join("console.log"),
+            max,
+        ))
     }
 
     /// The agent of a running sandbox of `org`; 409 when it is not running.

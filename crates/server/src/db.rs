@@ -41,6 +41,9 @@ CREATE TABLE IF NOT EXISTS sandbox_events (
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StoredSpec {
     pub isolation: Isolation,
+    /// `kvm` or `tcg` for microVMs.
+    #[serde(default)]
+    pub accel: Option<String>,
     pub template: String,
     pub cpus: u32,
     pub memory_mb: u64,
@@ -241,6 +244,7 @@ mod tests {
             status_reason: None,
             spec: StoredSpec {
                 isolation: Isolation::Container,
+                accel: None,
                 template: "default".into(),
                 cpus: 1,
                 memory_mb: 512,

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sandforge_runtime::container::{ContainerBackend, ContainerConfig};
+use sandforge_runtime::microvm::{self, MicrovmBackend, MicrovmConfig};
 use sandforge_runtime::Backend;
 
 pub use config::Config;
@@ -168,6 +169,43 @@ fn which(bin: &Path) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The microVM backend, when QEMU and the guest kernel are installed. The
+/// initramfs (this build's agent as `/init` plus the guest's modules) is
+/// rebuilt at every start, so VMs always run the current agent.
+fn microvm_backend(cfg: &Config, state: &Path, agent: &Path) -> Result<MicrovmBackend, String> {
+    let qemu = which(&cfg.qemu).ok_or_else(|| {
+        format!(
+            "{} not found (apt-get install qemu-system-x86)",
+            cfg.qemu.display()
+        )
+    })?;
+    let qemu_img =
+        which(&cfg.qemu_img).ok_or_else(|| format!("{} not found", cfg.qemu_img.display()))?;
+    let kernel = cfg.guest_dir.join("vmlinuz");
+    if !cfg.guest_dir.join("guest.json").is_file() || !kernel.is_file() {
+        return Err(format!(
+            "no guest kernel in {} (run scripts/build-guest.sh)",
+            cfg.guest_dir.display()
+        ));
+    }
+    let accel = microvm::accel::choose(&cfg.accel)?;
+    let vm_dir = state.join("vm");
+    std::fs::create_dir_all(&vm_dir).map_err(|e| format!("{}: {e}", vm_dir.display()))?;
+    let initramfs = vm_dir.join("initramfs.cpio");
+    microvm::initramfs::write_initramfs(agent, &cfg.guest_dir.join("modules"), &initramfs)
+        .map_err(|e| format!("building {}: {e}", initramfs.display()))?;
+    MicrovmBackend::new(MicrovmConfig {
+        qemu_binary: qemu,
+        qemu_img,
+        kernel,
+        initramfs,
+        accel,
+        sandboxes_dir: state.join("sandboxes"),
+        boot_timeout: Duration::from_secs(cfg.vm_boot_timeout_secs),
+    })
+    .map_err(|e| e.to_string())
+}
+
 /// Build everything, reconcile with what is running, and serve until SIGINT
 /// or SIGTERM. Sandboxes outlive the daemon; the next start re-attaches.
 pub async fn serve(opts: ServeOptions) -> Result<(), ServerError> {
@@ -195,12 +233,26 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServerError> {
     let container = ContainerBackend::new(ContainerConfig {
         runc_binary: runc,
         runc_root: state.join("runc"),
-        agent_binary: agent,
+        agent_binary: agent.clone(),
         cgroup_parent: "sandforge".into(),
         agent_timeout: Duration::from_secs(cfg.agent_timeout_secs),
     })
     .map_err(|e| ServerError::Startup(e.to_string()))?;
-    let backends: Vec<Arc<dyn Backend>> = vec![Arc::new(container)];
+    let mut backends: Vec<Arc<dyn Backend>> = vec![Arc::new(container)];
+    let mut accel = None;
+    match microvm_backend(&cfg, &state, &agent) {
+        Ok(vm) => {
+            accel = Some(vm.accel().as_str());
+            tracing::info!(accel = vm.accel().as_str(), "microvm backend ready");
+            backends.push(Arc::new(vm));
+        }
+        Err(reason) if cfg.default_isolation == "microvm" => {
+            return Err(ServerError::Startup(format!(
+                "default_isolation is microvm but {reason}"
+            )))
+        }
+        Err(reason) => tracing::warn!("microvm backend unavailable: {reason}"),
+    }
 
     let templates = sandforge_runtime::TemplateStore::new(&cfg.template_dir);
     if templates.list().is_empty() {
@@ -213,7 +265,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServerError> {
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .map_err(|e| ServerError::Startup(format!("listen on {}: {e}", cfg.listen)))?;
-    let controller = Arc::new(Controller::new(cfg.clone(), db, backends));
+    let controller = Arc::new(Controller::new(cfg.clone(), db, backends, accel));
     controller
         .reconcile()
         .await

@@ -23,6 +23,7 @@ fn api() -> Router<AppState> {
             "/sandboxes/{id}",
             get(sandboxes::get_one).delete(sandboxes::destroy),
         )
+        .route("/sandboxes/{id}/console", get(sandboxes::console))
         .route("/sandboxes/{id}/execute", post(exec::execute))
         .route("/sandboxes/{id}/exec", post(exec::exec))
         .route(

@@ -62,3 +62,13 @@ pub async fn destroy(
         message: "Sandbox resources reclaimed successfully.".into(),
     }))
 }
+
+/// `GET /sandboxes/{id}/console`: the tail (64 KiB) of the serial console of
+/// a VM, or of a container's init output, as text.
+pub async fn console(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<String, ApiError> {
+    st.controller.console(&caller.org, &id, 64 * 1024)
+}

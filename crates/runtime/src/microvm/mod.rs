@@ -1,0 +1,302 @@
+//! The microVM backend: one QEMU `-M microvm` process per sandbox, its own
+//! guest kernel, the agent as the guest's PID 1 reached through a
+//! virtio-serial port whose host end is a unix socket.
+//!
+//! Owns, per sandbox, everything under `<state>/sandboxes/<id>/`:
+//! `disk.qcow2` (copy-on-write overlay of the template's read-only
+//! `rootfs.ext4`), `agent.sock`, `qmp.sock`, `console.log` (serial console),
+//! `qemu.log`, `qemu.pid`; and the QEMU process, started in its own process
+//! group so that it outlives a restart of the daemon. It must not touch the
+//! base image or other sandboxes' directories.
+
+pub mod accel;
+pub mod initramfs;
+pub mod qemu;
+pub mod qmp;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use sandforge_api::Isolation;
+
+use crate::agent::AgentClient;
+use crate::backend::{Backend, Liveness, SandboxSpec};
+use crate::container::{rootfs::mounts_under, runc::tail_of};
+use crate::error::{Result, RuntimeError};
+use crate::template::Template;
+pub use accel::Accel;
+
+#[derive(Debug, Clone)]
+pub struct MicrovmConfig {
+    pub qemu_binary: PathBuf,
+    pub qemu_img: PathBuf,
+    pub kernel: PathBuf,
+    /// Built by the daemon at start (agent + modules), shared by all VMs.
+    pub initramfs: PathBuf,
+    pub accel: Accel,
+    /// `<state>/sandboxes`, to find VMs after a restart.
+    pub sandboxes_dir: PathBuf,
+    /// How long a VM may take from QEMU start to its agent answering.
+    pub boot_timeout: Duration,
+}
+
+pub struct MicrovmBackend {
+    cfg: MicrovmConfig,
+    tsc_khz: Option<u64>,
+}
+
+/// The read-only ext4 image of a template (built by scripts/build-guest.sh).
+pub fn base_image(t: &Template) -> PathBuf {
+    t.rootfs.with_file_name("rootfs.ext4")
+}
+
+fn io<'a>(op: &'static str, p: &'a Path) -> impl FnOnce(std::io::Error) -> RuntimeError + 'a {
+    move |e| RuntimeError::io(op, p, e)
+}
+
+/// The pid of the sandbox's QEMU if it is alive and really ours.
+fn live_qemu(dir: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(qemu::pid_file(dir))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let needle = dir.join("agent.sock");
+    let needle = needle.to_string_lossy();
+    String::from_utf8_lossy(&cmdline)
+        .contains(needle.as_ref())
+        .then_some(pid)
+}
+
+fn console_tail(dir: &Path) -> String {
+    let t = tail_of(&qemu::console_log(dir), 600);
+    let q = tail_of(&dir.join("qemu.log"), 300);
+    match (t.is_empty(), q.is_empty()) {
+        (_, false) => format!("{q} | console: {t}"),
+        _ => format!("console: {t}"),
+    }
+}
+
+impl MicrovmBackend {
+    pub fn new(cfg: MicrovmConfig) -> Result<Self> {
+        for p in [&cfg.kernel, &cfg.initramfs] {
+            if !p.is_file() {
+                return Err(RuntimeError::Setup(format!(
+                    "{} not found (run scripts/build-guest.sh)",
+                    p.display()
+                )));
+            }
+        }
+        let tsc_khz = if cfg.accel == Accel::Tcg {
+            qemu::host_tsc_khz()
+        } else {
+            None
+        };
+        Ok(Self { cfg, tsc_khz })
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.cfg.accel
+    }
+
+    async fn create_disk(&self, base: &Path, disk: &Path) -> Result<()> {
+        let out = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new(&self.cfg.qemu_img)
+                .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                .arg(base)
+                .arg(disk)
+                .stdin(Stdio::null())
+                .output(),
+        )
+        .await
+        .map_err(|_| RuntimeError::Command {
+            tool: "qemu-img".into(),
+            message: "timed out".into(),
+        })?
+        .map_err(|e| RuntimeError::Command {
+            tool: "qemu-img".into(),
+            message: e.to_string(),
+        })?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(RuntimeError::Command {
+                tool: "qemu-img".into(),
+                message: String::from_utf8_lossy(&out.stderr).trim().into(),
+            })
+        }
+    }
+
+    fn spawn_qemu(&self, spec: &SandboxSpec, disk: &Path) -> Result<std::process::Child> {
+        let args = qemu::args(&qemu::VmArgs {
+            accel: self.cfg.accel,
+            cpus: spec.cpus,
+            memory_mb: spec.memory_mb,
+            kernel: self.cfg.kernel.clone(),
+            initramfs: self.cfg.initramfs.clone(),
+            disk: disk.to_path_buf(),
+            dir: spec.dir.clone(),
+            hostname: spec.hostname.clone(),
+            tsc_khz: self.tsc_khz,
+        });
+        let log_path = spec.dir.join("qemu.log");
+        let log = std::fs::File::create(&log_path).map_err(io("create", &log_path))?;
+        let log2 = log.try_clone().map_err(io("dup", &log_path))?;
+        use std::os::unix::process::CommandExt;
+        let child = std::process::Command::new(&self.cfg.qemu_binary)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            // Its own process group: a signal to the daemon's group (or the
+            // daemon's death) does not take the VM down.
+            .process_group(0)
+            .spawn()
+            .map_err(|e| RuntimeError::Command {
+                tool: "qemu".into(),
+                message: e.to_string(),
+            })?;
+        Ok(child)
+    }
+
+    async fn boot(&self, spec: &SandboxSpec) -> Result<AgentClient> {
+        let base = base_image(&spec.template);
+        if !base.is_file() {
+            return Err(RuntimeError::TemplateBroken {
+                name: spec.template.name.clone(),
+                reason: format!(
+                    "no VM image {} (run scripts/build-guest.sh)",
+                    base.display()
+                ),
+            });
+        }
+        std::fs::create_dir_all(&spec.dir).map_err(io("mkdir", &spec.dir))?;
+        let disk = spec.dir.join("disk.qcow2");
+        self.create_disk(&base, &disk).await?;
+        let mut child = self.spawn_qemu(spec, &disk)?;
+        let client = AgentClient::new(qemu::agent_socket(&spec.dir));
+        let deadline = Instant::now() + self.cfg.boot_timeout;
+        let ready = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break Err(RuntimeError::AgentUnavailable(format!(
+                    "QEMU exited ({status}) during boot; {}",
+                    console_tail(&spec.dir)
+                )));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Err(RuntimeError::AgentTimeout(self.cfg.boot_timeout));
+            }
+            // One attempt for the whole boot window: the connection to QEMU's
+            // socket succeeds at once and the request waits in the socket
+            // until the guest agent opens the port. Reconnecting on a timer
+            // would hand the guest a second HTTP/2 preface mid-stream. Only
+            // an error (socket not there yet, connection broken) retries.
+            match tokio::time::timeout(left, client.info()).await {
+                Ok(Ok(_)) => break Ok(()),
+                Ok(Err(_)) => {
+                    client.reset().await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(_) => break Err(RuntimeError::AgentTimeout(self.cfg.boot_timeout)),
+            }
+        };
+        // Reap QEMU whenever it exits, so it never lingers as a zombie.
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        ready.map(|_| client)
+    }
+}
+
+#[async_trait]
+impl Backend for MicrovmBackend {
+    fn isolation(&self) -> Isolation {
+        Isolation::Microvm
+    }
+
+    async fn start(&self, spec: &SandboxSpec) -> Result<AgentClient> {
+        match self.boot(spec).await {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                let e = match e {
+                    RuntimeError::AgentTimeout(t) => RuntimeError::AgentUnavailable(format!(
+                        "the VM's agent did not answer within {t:?}; {}",
+                        console_tail(&spec.dir)
+                    )),
+                    other => other,
+                };
+                if let Err(cleanup) = self.destroy(spec).await {
+                    tracing::error!(id = %spec.id, "cleanup after failed boot: {cleanup}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn probe(&self, spec: &SandboxSpec) -> Liveness {
+        match live_qemu(&spec.dir) {
+            Some(_) => Liveness::Running,
+            None => Liveness::Dead(format!("QEMU is gone; {}", console_tail(&spec.dir))),
+        }
+    }
+
+    fn agent(&self, spec: &SandboxSpec) -> AgentClient {
+        AgentClient::new(qemu::agent_socket(&spec.dir))
+    }
+
+    async fn destroy(&self, spec: &SandboxSpec) -> Result<()> {
+        if let Some(pid) = live_qemu(&spec.dir) {
+            // Ask politely, then make sure.
+            let _ = qmp::execute(&qemu::qmp_socket(&spec.dir), "quit", None).await;
+            for _ in 0..50 {
+                if live_qemu(&spec.dir).is_none() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if live_qemu(&spec.dir).is_some() {
+                let _ = rustix::process::kill_process(
+                    rustix::process::Pid::from_raw(pid as i32)
+                        .ok_or_else(|| RuntimeError::Setup("bad pid".into()))?,
+                    rustix::process::Signal::Kill,
+                );
+                for _ in 0..250 {
+                    if live_qemu(&spec.dir).is_none() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            if live_qemu(&spec.dir).is_some() {
+                return Err(RuntimeError::Setup(format!("QEMU {pid} survived SIGKILL")));
+            }
+        }
+        let still = mounts_under(&spec.dir);
+        if !still.is_empty() {
+            return Err(RuntimeError::Setup(format!(
+                "refusing to delete {}: still mounted: {still:?}",
+                spec.dir.display()
+            )));
+        }
+        if spec.dir.exists() {
+            std::fs::remove_dir_all(&spec.dir).map_err(io("remove", &spec.dir))?;
+        }
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<String>> {
+        let Ok(rd) = std::fs::read_dir(&self.cfg.sandboxes_dir) else {
+            return Ok(vec![]);
+        };
+        Ok(rd
+            .flatten()
+            .filter(|e| live_qemu(&e.path()).is_some())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect())
+    }
+}

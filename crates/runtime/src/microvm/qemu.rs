@@ -1,0 +1,164 @@
+//! The QEMU command line of a sandbox VM (pure: builds arguments, runs
+//! nothing). `-M microvm`: virtio-mmio devices only, no PCI, no firmware
+//! option ROMs, no default devices; the legacy PIT/PIC and an ISA serial
+//! port stay because, under TCG, the guest otherwise hangs calibrating its
+//! TSC and the serial console is our post-mortem log. QEMU runs with
+//! `-sandbox on` (seccomp: no obsolete calls, no privilege elevation, no
+//! spawning, no resource control) and no monitor on stdio; QMP listens on
+//! a unix socket in the sandbox directory.
+
+use std::path::{Path, PathBuf};
+
+use super::accel::Accel;
+
+/// Everything that varies between VMs.
+#[derive(Debug, Clone)]
+pub struct VmArgs {
+    pub accel: Accel,
+    pub cpus: u32,
+    pub memory_mb: u64,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub disk: PathBuf,
+    pub dir: PathBuf,
+    pub hostname: String,
+    /// Host CPU frequency for `tsc_early_khz` (TCG boots hang without it).
+    pub tsc_khz: Option<u64>,
+}
+
+pub const PORT_NAME: &str = "sandforge.agent";
+
+pub fn agent_socket(dir: &Path) -> PathBuf {
+    dir.join("agent.sock")
+}
+
+pub fn qmp_socket(dir: &Path) -> PathBuf {
+    dir.join("qmp.sock")
+}
+
+pub fn console_log(dir: &Path) -> PathBuf {
+    dir.join("console.log")
+}
+
+pub fn pid_file(dir: &Path) -> PathBuf {
+    dir.join("qemu.pid")
+}
+
+/// The kernel command line.
+pub fn kernel_cmdline(a: &VmArgs) -> String {
+    let mut c = vec![
+        "console=ttyS0".to_string(),
+        "reboot=k".into(),
+        "panic=-1".into(),
+        "quiet".into(),
+        format!("sandforge.hostname={}", a.hostname),
+        format!("sandforge.port={PORT_NAME}"),
+    ];
+    if let Some(khz) = a.tsc_khz {
+        c.push(format!("tsc_early_khz={khz}"));
+    }
+    c.join(" ")
+}
+
+pub fn args(a: &VmArgs) -> Vec<String> {
+    let d = |p: PathBuf| p.display().to_string();
+    let mut v: Vec<String> = vec![
+        "-M".into(),
+        "microvm,pit=on,pic=on,rtc=on,isa-serial=on,memory-backend=mem".into(),
+    ];
+    v.extend(a.accel.qemu_args());
+    v.extend([
+        "-smp".into(),
+        a.cpus.to_string(),
+        "-m".into(),
+        format!("{}M", a.memory_mb),
+        "-object".into(),
+        format!("memory-backend-memfd,id=mem,size={}M,share=on", a.memory_mb),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-nographic".into(),
+        "-display".into(),
+        "none".into(),
+        // A guest reboot or panic ends QEMU: the sandbox is then failed.
+        "-no-reboot".into(),
+        "-kernel".into(),
+        d(a.kernel.clone()),
+        "-initrd".into(),
+        d(a.initramfs.clone()),
+        "-append".into(),
+        kernel_cmdline(a),
+        "-serial".into(),
+        format!("file:{}", d(console_log(&a.dir))),
+        "-drive".into(),
+        format!(
+            "id=root,file={},format=qcow2,if=none,discard=unmap",
+            d(a.disk.clone())
+        ),
+        "-device".into(),
+        "virtio-blk-device,drive=root".into(),
+        "-device".into(),
+        "virtio-serial-device".into(),
+        "-chardev".into(),
+        format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            d(agent_socket(&a.dir))
+        ),
+        "-device".into(),
+        format!("virtserialport,chardev=agent,name={PORT_NAME}"),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", d(qmp_socket(&a.dir))),
+        "-sandbox".into(),
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
+        "-pidfile".into(),
+        d(pid_file(&a.dir)),
+    ]);
+    v
+}
+
+/// The host CPU frequency in kHz, from /proc/cpuinfo.
+pub fn host_tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_shape() {
+        let a = VmArgs {
+            accel: Accel::Tcg,
+            cpus: 2,
+            memory_mb: 512,
+            kernel: "/g/vmlinuz".into(),
+            initramfs: "/s/initramfs".into(),
+            disk: "/s/sb/disk.qcow2".into(),
+            dir: "/s/sb".into(),
+            hostname: "box".into(),
+            tsc_khz: Some(2_000_000),
+        };
+        let v = args(&a);
+        let joined = v.join(" ");
+        assert!(joined.contains("-accel tcg,thread=multi"));
+        assert!(joined.contains("-smp 2 -m 512M"));
+        assert!(joined.contains("size=512M,share=on"));
+        assert!(joined.contains("socket,id=agent,path=/s/sb/agent.sock,server=on,wait=off"));
+        assert!(joined.contains("-qmp unix:/s/sb/qmp.sock"));
+        assert!(joined.contains("-sandbox on,"));
+        assert!(!joined.contains("virtio-net"), "offline VMs have no NIC");
+        let cmdline = &v[v.iter().position(|x| x == "-append").unwrap() + 1];
+        assert!(
+            cmdline.contains("tsc_early_khz=2000000") && cmdline.contains("sandforge.hostname=box")
+        );
+        assert!(Accel::Kvm.qemu_args().contains(&"host".to_string()));
+    }
+}

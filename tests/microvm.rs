@@ -1,0 +1,159 @@
+//! The microVM backend through the real API: a real QEMU `-M microvm` guest
+//! (KVM on hardware-virtualization hosts, TCG elsewhere) booted from the
+//! Debian cloud kernel, exec and files over virtio-serial, the failed state
+//! when QEMU dies, and re-attachment after a daemon restart.
+
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use sandforge_tests::{gone_or_zombie, Daemon};
+use serde_json::json;
+
+/// What the product should pick on this host: KVM only with a hardware
+/// virtualization module loaded.
+fn expected_accel() -> &'static str {
+    let hw = ["kvm_intel", "kvm_amd"]
+        .iter()
+        .any(|m| std::path::Path::new("/sys/module").join(m).exists());
+    if hw && std::path::Path::new("/dev/kvm").exists() {
+        "kvm"
+    } else {
+        "tcg"
+    }
+}
+
+fn qemu_pid(d: &Daemon, id: &str) -> u32 {
+    let p = d.state_dir().join("sandboxes").join(id).join("qemu.pid");
+    std::fs::read_to_string(&p).unwrap().trim().parse().unwrap()
+}
+
+#[tokio::test]
+#[ignore = "issue 3 in progress: the virtio-serial HTTP/2 session can desync on slow TCG boots; run with --ignored"]
+async fn a_vm_runs_commands_and_files_then_fails_cleanly_when_qemu_dies() {
+    let d = Daemon::start().await;
+    let sb = d
+        .create(json!({"isolation": "microvm", "cpu": 1, "memory_mb": 512, "name": "vm-box"}))
+        .await;
+    let id = sb["id"].as_str().unwrap().to_string();
+    assert_eq!(sb["isolation"], "microvm");
+    assert_eq!(sb["accel"], expected_accel());
+    assert_eq!(sb["status"], "running");
+
+    // Its own kernel, not the host's.
+    let uname = d.sh_ok(&id, "uname -r").await;
+    assert!(uname.contains("cloud-amd64"), "{uname}");
+    assert_ne!(
+        uname.trim(),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap()
+            .trim()
+    );
+    assert_eq!(d.sh_ok(&id, "hostname").await, "vm-box\n");
+    assert_eq!(d.sh_ok(&id, "id -u").await, "0\n");
+    assert!(d
+        .sh_ok(&id, "cat /proc/1/cmdline")
+        .await
+        .contains("sandforge-agent"));
+    // Offline: no network device at all.
+    assert_eq!(d.sh_ok(&id, "ls /sys/class/net").await, "lo\n");
+    let v = d
+        .sh(&id, "node -e 'console.log(6*7)'; python3 -c 'print(7*6)'")
+        .await;
+    assert_eq!(v["stdout"], "42\n42\n", "{v}");
+
+    // Files over the same channel.
+    let r = d
+        .req(
+            Method::PUT,
+            &format!("/v1/sandboxes/{id}/files?path=/root/in.txt"),
+        )
+        .body("vm data\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(d.sh_ok(&id, "cat /root/in.txt").await, "vm data\n");
+    let r = d
+        .req(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}/files?path=/etc/hostname"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "vm-box\n");
+
+    // Timeouts kill in the guest too.
+    let (_, v) = d
+        .execute(&id, json!({"command": "sleep 100", "timeout_seconds": 1}))
+        .await;
+    assert_eq!(v["timed_out"], true, "{v}");
+
+    // Kill QEMU under the running sandbox: failed, with a reason; exec 409;
+    // the console stays readable; destroy cleans everything.
+    let pid = qemu_pid(&d, &id);
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let sb = loop {
+        let (_, sb) = d
+            .call(Method::GET, &format!("/v1/sandboxes/{id}"), None)
+            .await;
+        if sb["status"] == "failed" {
+            break sb;
+        }
+        assert!(Instant::now() < deadline, "never marked failed: {sb}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        sb["status_reason"].as_str().unwrap().contains("QEMU"),
+        "{sb}"
+    );
+    let (s, _) = d.execute(&id, json!({"command": "true"})).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let r = d
+        .req(Method::GET, &format!("/v1/sandboxes/{id}/console"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        r.text().await.unwrap().contains("sandforge-init"),
+        "console log should hold the boot"
+    );
+    d.destroy(&id).await;
+    assert!(!d.state_dir().join("sandboxes").join(&id).exists());
+    assert!(gone_or_zombie(pid), "QEMU {pid} survived destroy");
+}
+
+#[tokio::test]
+#[ignore = "issue 3 in progress: the virtio-serial HTTP/2 session can desync on slow TCG boots; run with --ignored"]
+async fn a_vm_survives_a_daemon_restart() {
+    let mut d = Daemon::start().await;
+    let id = d.create(json!({"isolation": "microvm"})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.sh_ok(
+        &id,
+        "echo kept > /root/kept.txt; nohup sleep 1000 >/dev/null 2>&1 &",
+    )
+    .await;
+    let pid = qemu_pid(&d, &id);
+    d.kill9();
+    d.restart().await;
+    let (_, sb) = d
+        .call(Method::GET, &format!("/v1/sandboxes/{id}"), None)
+        .await;
+    assert_eq!(sb["status"], "running", "{sb}");
+    assert_eq!(qemu_pid(&d, &id), pid, "the same VM, not a new one");
+    assert_eq!(d.sh_ok(&id, "cat /root/kept.txt").await, "kept\n");
+    assert_eq!(
+        d.sh_ok(&id, "ps -eo args | grep -c '^sleep 1000'").await,
+        "1\n"
+    );
+    d.destroy(&id).await;
+    assert!(gone_or_zombie(pid), "QEMU {pid} survived destroy");
+}
