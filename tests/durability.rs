@@ -2,8 +2,6 @@
 //! a dead sandbox is reported as failed, and destroy reclaims every host
 //! resource (processes, mounts, cgroups, directories, runc state).
 
-use std::time::{Duration, Instant};
-
 use reqwest::{Method, StatusCode};
 use sandforge_tests::{gone_or_zombie, Daemon};
 use serde_json::json;
@@ -108,17 +106,7 @@ async fn a_sandbox_whose_agent_dies_is_failed_then_destroyable() {
         .args(["-9", &pid.to_string()])
         .status()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let sb = loop {
-        let (_, sb) = d
-            .call(Method::GET, &format!("/v1/sandboxes/{id}"), None)
-            .await;
-        if sb["status"] == "failed" {
-            break sb;
-        }
-        assert!(Instant::now() < deadline, "never marked failed: {sb}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let sb = d.wait_status(&id, "failed").await;
     assert!(
         sb["status_reason"].as_str().unwrap_or_default().len() > 3,
         "{sb}"

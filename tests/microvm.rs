@@ -3,8 +3,6 @@
 //! Debian cloud kernel, exec and files over virtio-serial, the failed state
 //! when QEMU dies, and re-attachment after a daemon restart.
 
-use std::time::{Duration, Instant};
-
 use reqwest::{Method, StatusCode};
 use sandforge_tests::{gone_or_zombie, Daemon};
 use serde_json::json;
@@ -96,17 +94,7 @@ async fn a_vm_runs_commands_and_files_then_fails_cleanly_when_qemu_dies() {
         .args(["-9", &pid.to_string()])
         .status()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let sb = loop {
-        let (_, sb) = d
-            .call(Method::GET, &format!("/v1/sandboxes/{id}"), None)
-            .await;
-        if sb["status"] == "failed" {
-            break sb;
-        }
-        assert!(Instant::now() < deadline, "never marked failed: {sb}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let sb = d.wait_status(&id, "failed").await;
     assert!(
         sb["status_reason"].as_str().unwrap().contains("QEMU"),
         "{sb}"

@@ -250,6 +250,21 @@ impl Daemon {
         v["stdout"].as_str().unwrap().to_string()
     }
 
+    /// Poll `GET /v1/sandboxes/{id}` until it reports `status` (20 s max).
+    pub async fn wait_status(&self, id: &str, status: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, sb) = self
+                .call(Method::GET, &format!("/v1/sandboxes/{id}"), None)
+                .await;
+            if sb["status"] == status {
+                return sb;
+            }
+            assert!(Instant::now() < deadline, "never became {status}: {sb}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     pub async fn destroy(&self, id: &str) {
         let (s, v) = self
             .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)

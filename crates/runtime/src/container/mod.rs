@@ -262,19 +262,7 @@ impl Backend for ContainerBackend {
         }
         rootfs::unmount_all(&p.rootfs)?;
         idmap::unstage(&spec.dir)?;
-        // Never recurse into a directory that still has something mounted
-        // below it: a staged host mount would have its files deleted.
-        let still = rootfs::mounts_under(&spec.dir);
-        if !still.is_empty() {
-            return Err(RuntimeError::Setup(format!(
-                "refusing to delete {}: still mounted: {still:?}",
-                spec.dir.display()
-            )));
-        }
-        if spec.dir.exists() {
-            std::fs::remove_dir_all(&spec.dir).map_err(io("remove", &spec.dir))?;
-        }
-        Ok(())
+        rootfs::remove_sandbox_dir(&spec.dir)
     }
 
     async fn list(&self) -> Result<Vec<String>> {

@@ -76,3 +76,20 @@ pub fn unmount_all(path: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Remove a sandbox directory, refusing while anything is still mounted at
+/// or below it: recursing into a staged host mount would delete the host's
+/// files. Idempotent.
+pub fn remove_sandbox_dir(dir: &Path) -> Result<()> {
+    let still = mounts_under(dir);
+    if !still.is_empty() {
+        return Err(RuntimeError::Setup(format!(
+            "refusing to delete {}: still mounted: {still:?}",
+            dir.display()
+        )));
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| RuntimeError::io("remove", dir, e))?;
+    }
+    Ok(())
+}

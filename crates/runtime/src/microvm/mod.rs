@@ -23,7 +23,7 @@ use sandforge_api::Isolation;
 
 use crate::agent::AgentClient;
 use crate::backend::{Backend, Liveness, SandboxSpec};
-use crate::container::{rootfs::mounts_under, runc::tail_of};
+use crate::container::{rootfs::remove_sandbox_dir, runc::tail_of};
 use crate::error::{Result, RuntimeError};
 use crate::template::Template;
 pub use accel::Accel;
@@ -276,17 +276,7 @@ impl Backend for MicrovmBackend {
                 return Err(RuntimeError::Setup(format!("QEMU {pid} survived SIGKILL")));
             }
         }
-        let still = mounts_under(&spec.dir);
-        if !still.is_empty() {
-            return Err(RuntimeError::Setup(format!(
-                "refusing to delete {}: still mounted: {still:?}",
-                spec.dir.display()
-            )));
-        }
-        if spec.dir.exists() {
-            std::fs::remove_dir_all(&spec.dir).map_err(io("remove", &spec.dir))?;
-        }
-        Ok(())
+        remove_sandbox_dir(&spec.dir)
     }
 
     async fn list(&self) -> Result<Vec<String>> {
