@@ -4,6 +4,9 @@
 #
 #   /var/cache/sandforge/guest/                 kernel + modules, shared by all VMs
 #       vmlinuz  kernel.release
+#       vmlinux                                 the same kernel uncompressed (ELF,
+#                                               PVH entry): QEMU boots it without
+#                                               the decompression step (faster)
 #       modules/*.ko  modules/order             uncompressed; order = load order
 #       guest.json                              written last: marks completeness
 #   /var/cache/sandforge/templates/<name>/rootfs.ext4
@@ -12,10 +15,12 @@
 #                                               read-only base for qcow2 overlays
 #
 # The kernel is Debian's linux-image-cloud-amd64 (apt-get download, never
-# installed on the host). Idempotent: a complete guest dir (guest.json) is kept;
-# an image newer than the template's template.json is kept. Everything is built
-# in a temporary directory and renamed into place, so a half-built result is
-# never visible.
+# installed on the host). Idempotent: a complete guest dir (guest.json of the
+# current format) is kept; an image newer than the template's template.json is
+# kept. Everything is built in a temporary directory and renamed into place, so
+# a half-built result is never visible. Rebuilding an image under existing
+# qcow2 overlays would corrupt them: rebuild a template only when no sandbox
+# uses it.
 #
 # Usage: scripts/build-guest.sh [template name, default "default"]
 set -euo pipefail
@@ -35,7 +40,7 @@ fi
 
 # Tools this script needs (Debian package per command).
 missing=()
-for pair in modinfo:kmod mkfs.ext4:e2fsprogs python3:python3 dpkg-deb:dpkg; do
+for pair in modinfo:kmod mkfs.ext4:e2fsprogs python3:python3 dpkg-deb:dpkg lz4:lz4; do
   command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -51,13 +56,16 @@ trap cleanup EXIT
 
 # ---------------------------------------------------------------- kernel --
 build_kernel() {
-  if [ -f "$GUEST/guest.json" ]; then
+  # Bump FORMAT when the layout changes: an older cache is rebuilt.
+  local FORMAT=2
+  complete() { [ -f "$GUEST/guest.json" ] && grep -q "\"format\": $FORMAT[,}]" "$GUEST/guest.json"; }
+  if complete; then
     echo "guest kernel already built at $GUEST ($(cat "$GUEST/kernel.release"))"
     return
   fi
   exec 8>"$CACHE/.guest.lock"
   flock 8
-  if [ -f "$GUEST/guest.json" ]; then
+  if complete; then
     echo "guest kernel already built at $GUEST ($(cat "$GUEST/kernel.release"))"
     return
   fi
@@ -87,6 +95,21 @@ build_kernel() {
   mkdir -p "$out/modules"
   cp "$WORK/deb/boot/vmlinuz-$rel" "$out/vmlinuz"
   echo "$rel" > "$out/kernel.release"
+  # The bzImage's payload is an LZ4 (legacy frame) stream holding the ELF
+  # vmlinux: find the frame whose output is an ELF file.
+  python3 - "$out/vmlinuz" "$out/vmlinux" <<'PY'
+import subprocess, sys
+data = open(sys.argv[1], "rb").read()
+magic = b"\x02\x21\x4c\x18"
+pos = data.find(magic)
+while pos >= 0:
+    out = subprocess.run(["lz4", "-dc"], input=data[pos:], capture_output=True).stdout
+    if out[:4] == b"\x7fELF":
+        open(sys.argv[2], "wb").write(out)
+        sys.exit(0)
+    pos = data.find(magic, pos + 1)
+sys.exit("error: no LZ4-compressed ELF kernel in " + sys.argv[1])
+PY
 
   echo "[guest 2/3] collecting modules for $rel ..."
   local order=() seen=" "
@@ -112,12 +135,14 @@ build_kernel() {
 
   echo "[guest 3/3] finishing ..."
   cat > "$out/guest.json" <<JSON
-{"kernel_package": "$pkg", "kernel_release": "$rel", "modules": [$(printf '"%s",' "${order[@]}" | sed 's/,$//')], "built_at": "$(date -u +%Y-%m-%dT%H:%M:%SZ)"}
+{"format": $FORMAT, "kernel_package": "$pkg", "kernel_release": "$rel", "modules": [$(printf '"%s",' "${order[@]}" | sed 's/,$//')], "built_at": "$(date -u +%Y-%m-%dT%H:%M:%SZ)"}
 JSON
   chmod 0755 "$out" "$out/modules"
-  chmod 0644 "$out"/vmlinuz "$out"/kernel.release "$out"/guest.json "$out"/modules/*
-  # A leftover without guest.json (interrupted by hand) is incomplete: replace it.
-  [ -e "$GUEST" ] && rm -rf "$GUEST"
+  chmod 0644 "$out"/vmlinuz "$out"/vmlinux "$out"/kernel.release "$out"/guest.json "$out"/modules/*
+  # Replace an older or incomplete cache (running VMs have read theirs).
+  if [ -e "$GUEST" ]; then
+    mv "$GUEST" "$WORK/old"
+  fi
   mv "$out" "$GUEST"
   rm -rf "$WORK"
   WORK=

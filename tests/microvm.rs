@@ -26,7 +26,6 @@ fn qemu_pid(d: &Daemon, id: &str) -> u32 {
 }
 
 #[tokio::test]
-#[ignore = "issue 3 in progress: the virtio-serial HTTP/2 session can desync on slow TCG boots; run with --ignored"]
 async fn a_vm_runs_commands_and_files_then_fails_cleanly_when_qemu_dies() {
     let d = Daemon::start().await;
     let sb = d
@@ -117,7 +116,6 @@ async fn a_vm_runs_commands_and_files_then_fails_cleanly_when_qemu_dies() {
 }
 
 #[tokio::test]
-#[ignore = "issue 3 in progress: the virtio-serial HTTP/2 session can desync on slow TCG boots; run with --ignored"]
 async fn a_vm_survives_a_daemon_restart() {
     let mut d = Daemon::start().await;
     let id = d.create(json!({"isolation": "microvm"})).await["id"]

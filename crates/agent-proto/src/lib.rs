@@ -39,6 +39,16 @@ pub mod routes {
     pub const FILES: &str = "/v1/files";
 }
 
+/// Serial-port resynchronisation (virtio-serial only). A byte pipe has no
+/// connection boundaries: bytes of a host connection the guest has not yet
+/// noticed as closed may still be queued. So before its HTTP/2 preface the
+/// host sends `SANDFORGE-SYNC <nonce>\n` and discards everything it reads
+/// until `SANDFORGE-ACK <nonce>\n`; the agent answers each sync line seen
+/// before a preface and drops everything before the preface. The nonce is
+/// 1-64 characters of `[A-Za-z0-9_-]`.
+pub const SYNC_PREFIX: &[u8] = b"SANDFORGE-SYNC ";
+pub const ACK_PREFIX: &[u8] = b"SANDFORGE-ACK ";
+
 /// Response header carrying a file's total size.
 pub const HDR_FILE_SIZE: &str = "x-file-size";
 /// Response header carrying a file's permission bits, octal (`0644`).

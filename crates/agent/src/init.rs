@@ -250,6 +250,14 @@ fn boot() -> Result<Never, Fail> {
     if let Some(name) = &cfg.hostname {
         fs::write("/proc/sys/kernel/hostname", name)
             .map_err(ctx(|| format!("setting the hostname {name:?}")))?;
+        // The same identity files the container backend writes, so tools
+        // that read them (and the files API) agree with `hostname`.
+        fs::write("/etc/hostname", format!("{name}\n"))
+            .map_err(ctx(|| "writing /etc/hostname".into()))?;
+        let hosts = format!(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{name}\n"
+        );
+        fs::write("/etc/hosts", hosts).map_err(ctx(|| "writing /etc/hosts".into()))?;
     }
     sys::loopback_up().map_err(ctx(|| "bringing lo up".into()))?;
     for share in &cfg.mounts {

@@ -3,7 +3,8 @@
 //! Owns: the unix-socket listener (`--listen`: one HTTP/2 connection per
 //! accepted stream, served concurrently) and the character device (`--device`:
 //! one connection at a time over a virtio-serial port, kept open across host
-//! reconnects, each connection delimited by the port's host hang-up state),
+//! reconnects, connections told apart by the port's hang-up state, the
+//! HTTP/2 preface and an optional sync line: see [`serve_port`]),
 //! and serving an HTTP/2 (prior knowledge, no TLS) connection over any such
 //! stream with [`crate::server::handle`].
 //!
@@ -16,7 +17,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -25,7 +25,7 @@ use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::UnixListener;
 
 use crate::server::{self, Agent};
@@ -120,15 +120,33 @@ fn open_device(path: &Path) -> io::Result<File> {
 /// How often the state of the host end is polled while waiting for it.
 const HOST_POLL: Duration = Duration::from_millis(20);
 
+/// The HTTP/2 client connection preface: where a connection's bytes start.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// `SANDFORGE-SYNC <nonce>\n` from the host, answered with
+/// `SANDFORGE-ACK <nonce>\n`: see [`serve_port`].
+const SYNC: &[u8] = sandforge_agent_proto::SYNC_PREFIX;
+const ACK: &[u8] = sandforge_agent_proto::ACK_PREFIX;
+/// Nonces are 1 to 64 of `[A-Za-z0-9_-]`.
+const MAX_NONCE: usize = 64;
+
 /// Serve host connections on an open virtio-serial port until it fails.
 ///
-/// The port stays open the whole time: closing it makes the guest kernel
-/// discard whatever the host already sent, which could be the preface of
-/// the next connection. A virtio-serial port reports `POLLHUP` while no host
-/// is connected (and reads then return 0 once its buffer is empty), so each
-/// HTTP/2 connection starts once `POLLHUP` clears, and ends at EOF after it
-/// comes back. Bytes left over from a connection that ended are discarded
-/// before the next one starts, so it begins with the host's preface.
+/// A virtio-serial port is one byte stream for the VM's whole life; host
+/// (re)connections are only visible as the port's `POLLHUP` state, which the
+/// guest learns asynchronously: bytes of the next connection can arrive
+/// before the hang-up of the previous one is seen, and bytes the previous
+/// host sent may still be unread. So:
+///
+/// - The port stays open (closing it would make the kernel drop what the
+///   host already sent).
+/// - A connection starts once no `POLLHUP` is seen, and its first bytes are
+///   found by scanning: anything before the HTTP/2 preface is discarded.
+/// - A host may prefix a connection with `SANDFORGE-SYNC <nonce>\n`; every
+///   such line seen before the preface is answered with
+///   `SANDFORGE-ACK <nonce>\n`, so the host can skip whatever a previous
+///   connection left in its direction until its own nonce comes back, then
+///   send the preface. Plain HTTP/2 clients (curl) work without it.
+/// - A connection ends when the port hangs up (see [`Port`]) or on any error.
 async fn serve_port(
     file: &File,
     agent: &Arc<Agent>,
@@ -140,22 +158,113 @@ async fn serve_port(
         }
         // A fresh reactor registration per connection: tokio keeps a seen
         // hang-up in a registration for good.
-        let port = Port::new(file.try_clone()?)?;
-        let hung_up = port.hung_up.clone();
-        note(match serve_connection(port, agent.clone()).await {
+        let mut port = Port::new(file.try_clone()?)?;
+        let Some(start) = await_preface(&mut port).await? else {
+            continue;
+        };
+        let (rx, tx) = tokio::io::split(port);
+        let io = tokio::io::join(AsyncReadExt::chain(io::Cursor::new(start), rx), tx);
+        note(match serve_connection(io, agent.clone()).await {
             Ok(()) => "connection closed".to_string(),
+            Err(e) if hung_up(&e) => "connection closed".to_string(),
             Err(e) => format!("connection ended: {e}"),
         });
-        if host_gone(file)? {
-            // What the old host sent but we never read.
-            discard(file, false).await?;
-        } else if !hung_up.load(Ordering::Relaxed) {
-            // The connection failed while the host is still attached: its
-            // stream is unusable until the host reconnects.
-            discard(file, true).await?;
-        }
-        // Otherwise the host left and is already back: serve it.
     }
+}
+
+/// Whether a connection failed only because the host went away (a write
+/// after the hang-up, see [`Port`]).
+fn hung_up(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            return io.kind() == io::ErrorKind::BrokenPipe;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// Read until the HTTP/2 preface, answering sync lines and dropping anything
+/// else. Returns the bytes from the preface on, or `None` if the host hung
+/// up first.
+async fn await_preface(port: &mut Port) -> io::Result<Option<Vec<u8>>> {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        match scan(&buf) {
+            Scan::Preface => return Ok(Some(buf)),
+            Scan::Sync(len) => {
+                let nonce = &buf[SYNC.len()..len - 1];
+                let ack = [ACK, nonce, b"\n"].concat();
+                match port.write_all(&ack).await {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(None),
+                    Err(e) => return Err(e),
+                }
+                buf.drain(..len);
+            }
+            Scan::Skip(n) => {
+                buf.drain(..n);
+            }
+            Scan::NeedMore => {
+                let n = port.read(&mut chunk).await?;
+                if n == 0 {
+                    return Ok(None);
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+    }
+}
+
+/// What the start of the bytes before a connection holds.
+#[derive(Debug, PartialEq)]
+enum Scan {
+    /// The HTTP/2 preface.
+    Preface,
+    /// A complete, valid sync line of this many bytes (newline included).
+    Sync(usize),
+    /// This many bytes that start neither.
+    Skip(usize),
+    /// A prefix of either, or nothing.
+    NeedMore,
+}
+
+fn scan(buf: &[u8]) -> Scan {
+    let nonce_byte = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_';
+    if buf.is_empty() {
+        return Scan::NeedMore;
+    }
+    let n = buf.len().min(PREFACE.len());
+    if buf[..n] == PREFACE[..n] {
+        return if n == PREFACE.len() {
+            Scan::Preface
+        } else {
+            Scan::NeedMore
+        };
+    }
+    let n = buf.len().min(SYNC.len());
+    if buf[..n] == SYNC[..n] {
+        if n < SYNC.len() {
+            return Scan::NeedMore;
+        }
+        let rest = &buf[SYNC.len()..];
+        let nonce_len = rest.iter().take_while(|b| nonce_byte(b)).count();
+        return match rest.get(nonce_len) {
+            Some(b'\n') if (1..=MAX_NONCE).contains(&nonce_len) => {
+                Scan::Sync(SYNC.len() + nonce_len + 1)
+            }
+            None if nonce_len <= MAX_NONCE => Scan::NeedMore,
+            _ => Scan::Skip(1),
+        };
+    }
+    // Up to the next byte that could start either.
+    let next = buf[1..]
+        .iter()
+        .position(|&b| b == PREFACE[0] || b == SYNC[0])
+        .map_or(buf.len(), |i| i + 1);
+    Scan::Skip(next)
 }
 
 /// Whether the host end of the port is closed (`POLLHUP`).
@@ -177,27 +286,6 @@ fn host_gone(file: &File) -> io::Result<bool> {
     Ok(pfd.revents & libc::POLLHUP != 0)
 }
 
-/// Read and drop bytes until EOF (the host end is closed and nothing is
-/// left). With `wait`, also wait for the host to go away; without, stop when
-/// nothing is left to read even though the host is attached.
-async fn discard(mut file: &File, wait: bool) -> io::Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if !wait {
-                    return Ok(());
-                }
-                tokio::time::sleep(HOST_POLL).await;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 /// One HTTP/2 connection's view of the port: a non-blocking fd registered
 /// with the reactor, reading and writing at once. Once the host hangs up
 /// (the reactor reports `POLLHUP` as read/write-closed, for good) a read
@@ -205,7 +293,7 @@ async fn discard(mut file: &File, wait: bool) -> io::Result<()> {
 /// `EAGAIN` forever (the port does not accept writes without a host).
 struct Port {
     fd: AsyncFd<File>,
-    hung_up: Arc<AtomicBool>,
+    hung_up: bool,
 }
 
 impl Port {
@@ -213,10 +301,7 @@ impl Port {
         // SAFETY: the `File` owns its fd and lives inside the `AsyncFd`
         // until it is dropped; nothing else closes or replaces that fd.
         let fd = unsafe { AsyncFd::register(file)? };
-        Ok(Port {
-            fd,
-            hung_up: Arc::new(AtomicBool::new(false)),
-        })
+        Ok(Port { fd, hung_up: false })
     }
 }
 
@@ -230,7 +315,7 @@ impl AsyncRead for Port {
         loop {
             let mut guard = ready!(this.fd.poll_read_ready(cx))?;
             if guard.ready().is_read_closed() {
-                this.hung_up.store(true, Ordering::Relaxed);
+                this.hung_up = true;
             }
             let unfilled = buf.initialize_unfilled();
             match guard.try_io(|fd| fd.get_ref().read(unfilled)) {
@@ -240,7 +325,7 @@ impl AsyncRead for Port {
                 }
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
                 // Hung up and drained (the host is back already): EOF.
-                Err(_) if this.hung_up.load(Ordering::Relaxed) => return Poll::Ready(Ok(())),
+                Err(_) if this.hung_up => return Poll::Ready(Ok(())),
                 Err(_) => {}
             }
         }
@@ -257,11 +342,11 @@ impl AsyncWrite for Port {
         loop {
             let mut guard = ready!(this.fd.poll_write_ready(cx))?;
             if guard.ready().is_write_closed() {
-                this.hung_up.store(true, Ordering::Relaxed);
+                this.hung_up = true;
             }
             match guard.try_io(|fd| fd.get_ref().write(data)) {
                 Ok(r) => return Poll::Ready(r),
-                Err(_) if this.hung_up.load(Ordering::Relaxed) => {
+                Err(_) if this.hung_up => {
                     return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
                 }
                 Err(_) => {}
@@ -275,5 +360,31 @@ impl AsyncWrite for Port {
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scan_finds_connection_starts() {
+        assert_eq!(scan(b""), Scan::NeedMore);
+        assert_eq!(scan(PREFACE), Scan::Preface);
+        assert_eq!(scan(&[PREFACE, b"\0\0\x12\x04"].concat()), Scan::Preface);
+        assert_eq!(scan(&PREFACE[..10]), Scan::NeedMore);
+        assert_eq!(scan(b"SANDFORGE-SY"), Scan::NeedMore);
+        assert_eq!(scan(b"SANDFORGE-SYNC ab-C_9"), Scan::NeedMore);
+        assert_eq!(scan(b"SANDFORGE-SYNC ab-C_9\nPRI"), Scan::Sync(22));
+        // Not a valid sync line: skip its first byte, then look again.
+        assert_eq!(scan(b"SANDFORGE-SYNC \n"), Scan::Skip(1));
+        assert_eq!(scan(b"SANDFORGE-SYNC a b\n"), Scan::Skip(1));
+        let long = [SYNC, &[b'a'; MAX_NONCE + 1]].concat();
+        assert_eq!(scan(&long), Scan::Skip(1));
+        // Old bytes: up to the next candidate.
+        assert_eq!(scan(b"\0\0\x04\x08xyzPRI"), Scan::Skip(7));
+        assert_eq!(scan(b"PRX"), Scan::Skip(3));
+        assert_eq!(scan(b"\x01\x02"), Scan::Skip(2));
+        assert_eq!(scan(b"PRI * HTTP/1.1"), Scan::Skip(9)); // the P of HTTP
     }
 }

@@ -48,6 +48,8 @@ pub struct AgentClient {
 
 struct Inner {
     socket: PathBuf,
+    /// Serial-port transport: resynchronise before every HTTP/2 handshake.
+    sync: bool,
     conn: Mutex<Option<SendRequest<ReqBody>>>,
 }
 
@@ -60,10 +62,22 @@ impl std::fmt::Debug for AgentClient {
 }
 
 impl AgentClient {
+    /// A client for an agent behind a unix socket it listens on (a container).
     pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self::with_sync(socket.into(), false)
+    }
+
+    /// A client for an agent behind a virtio-serial port (a microVM): each
+    /// connection starts with the SYNC/ACK exchange of the agent protocol.
+    pub fn serial(socket: impl Into<PathBuf>) -> Self {
+        Self::with_sync(socket.into(), true)
+    }
+
+    fn with_sync(socket: PathBuf, sync: bool) -> Self {
         Self {
             inner: Arc::new(Inner {
-                socket: socket.into(),
+                socket,
+                sync,
                 conn: Mutex::new(None),
             }),
         }
@@ -74,9 +88,12 @@ impl AgentClient {
     }
 
     async fn connect(&self) -> Result<SendRequest<ReqBody>> {
-        let stream = UnixStream::connect(&self.inner.socket).await.map_err(|e| {
+        let mut stream = UnixStream::connect(&self.inner.socket).await.map_err(|e| {
             RuntimeError::AgentUnavailable(format!("{}: {e}", self.inner.socket.display()))
         })?;
+        if self.inner.sync {
+            resync(&mut stream).await?;
+        }
         // No HTTP/2 keep-alive pings: over a virtio-serial port a slow boot
         // would trip the ping timeout, and the reconnect that follows leaves
         // the first connection's bytes queued in the guest's port buffers,
@@ -205,6 +222,61 @@ impl AgentClient {
         let uri = format!("{}?{}", routes::FILES, encode_query(q));
         let req = build(method, &uri, body.unwrap_or_else(empty_body))?;
         self.request(req).await
+    }
+}
+
+/// The SYNC/ACK exchange (see `sandforge_agent_proto::SYNC_PREFIX`): send a
+/// fresh nonce and skip every byte up to its ACK line. Fails after 2 s so the
+/// caller reconnects (the sync line may have gone to a connection the guest
+/// had not yet seen close).
+async fn resync(stream: &mut UnixStream) -> Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let nonce = format!(
+        "{:x}-{:x}-{}",
+        nanos,
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut line = sandforge_agent_proto::SYNC_PREFIX.to_vec();
+    line.extend_from_slice(nonce.as_bytes());
+    line.push(b'\n');
+    let mut want = sandforge_agent_proto::ACK_PREFIX.to_vec();
+    want.extend_from_slice(nonce.as_bytes());
+    want.push(b'\n');
+    let exchange = async {
+        stream.write_all(&line).await?;
+        let mut seen: Vec<u8> = Vec::new();
+        let mut byte = [0u8; 1];
+        // One byte at a time: the agent sends nothing after the ACK until
+        // our preface, so nothing of the HTTP/2 session is consumed here.
+        while !seen.ends_with(&want) {
+            if stream.read(&mut byte).await? == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "closed before ACK",
+                ));
+            }
+            seen.push(byte[0]);
+            if seen.len() > 64 * 1024 {
+                seen.drain(..32 * 1024);
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(Duration::from_secs(2), exchange).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(RuntimeError::AgentUnavailable(format!(
+            "serial resync: {e}"
+        ))),
+        Err(_) => Err(RuntimeError::AgentUnavailable(
+            "serial resync: no ACK within 2s".into(),
+        )),
     }
 }
 

@@ -181,7 +181,13 @@ fn microvm_backend(cfg: &Config, state: &Path, agent: &Path) -> Result<MicrovmBa
     })?;
     let qemu_img =
         which(&cfg.qemu_img).ok_or_else(|| format!("{} not found", cfg.qemu_img.display()))?;
-    let kernel = cfg.guest_dir.join("vmlinuz");
+    // The uncompressed kernel boots ~0.3 s faster under TCG; older caches
+    // have only the compressed one.
+    let kernel = ["vmlinux", "vmlinuz"]
+        .iter()
+        .map(|k| cfg.guest_dir.join(k))
+        .find(|k| k.is_file())
+        .unwrap_or_default();
     if !cfg.guest_dir.join("guest.json").is_file() || !kernel.is_file() {
         return Err(format!(
             "no guest kernel in {} (run scripts/build-guest.sh)",

@@ -178,7 +178,7 @@ impl MicrovmBackend {
         let disk = spec.dir.join("disk.qcow2");
         self.create_disk(&base, &disk).await?;
         let mut child = self.spawn_qemu(spec, &disk)?;
-        let client = AgentClient::new(qemu::agent_socket(&spec.dir));
+        let client = AgentClient::serial(qemu::agent_socket(&spec.dir));
         let deadline = Instant::now() + self.cfg.boot_timeout;
         let ready = loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -246,7 +246,7 @@ impl Backend for MicrovmBackend {
     }
 
     fn agent(&self, spec: &SandboxSpec) -> AgentClient {
-        AgentClient::new(qemu::agent_socket(&spec.dir))
+        AgentClient::serial(qemu::agent_socket(&spec.dir))
     }
 
     async fn destroy(&self, spec: &SandboxSpec) -> Result<()> {
