@@ -15,7 +15,7 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
-PKGS=(runc debootstrap sqlite3 file iproute2 util-linux python3 ca-certificates qemu-system-x86 qemu-utils e2fsprogs kmod lz4)
+PKGS=(runc debootstrap sqlite3 file iproute2 util-linux python3 ca-certificates qemu-system-x86 qemu-utils e2fsprogs kmod lz4 curl)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

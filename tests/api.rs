@@ -157,10 +157,7 @@ async fn lifecycle_and_cross_org_isolation() {
 #[tokio::test]
 async fn execute_and_exec_buffered() {
     let d = Daemon::start().await;
-    let id = d.create(json!({})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.create_id(json!({})).await;
 
     let v = d.sh(&id, "echo out; echo err >&2; exit 3").await;
     assert_eq!(
@@ -207,10 +204,7 @@ async fn execute_and_exec_buffered() {
 #[tokio::test]
 async fn exec_streams_ndjson_live() {
     let d = Daemon::start().await;
-    let id = d.create(json!({})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.create_id(json!({})).await;
     // The command prints, then waits for a marker that we create only after
     // its first line reached us: without live streaming this never finishes.
     let resp = d
@@ -258,10 +252,7 @@ async fn exec_streams_ndjson_live() {
 #[tokio::test]
 async fn timeout_kills_the_whole_process_group() {
     let d = Daemon::start().await;
-    let id = d.create(json!({})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.create_id(json!({})).await;
     let (s, v) = d
         .execute(
             &id,
@@ -294,10 +285,7 @@ async fn timeout_kills_the_whole_process_group() {
 #[tokio::test]
 async fn many_concurrent_execs_on_one_sandbox() {
     let d = Daemon::start().await;
-    let id = d.create(json!({"cpu": 2})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.create_id(json!({"cpu": 2})).await;
     let runs = (0..24).map(|i| {
         let d = &d;
         let id = id.clone();

@@ -3,20 +3,14 @@
 //! resource (processes, mounts, cgroups, directories, runc state).
 
 use reqwest::{Method, StatusCode};
-use sandforge_tests::{gone_or_zombie, Daemon};
+use sandforge_tests::{gone_or_zombie, sigkill, Daemon};
 use serde_json::json;
 
 #[tokio::test]
 async fn sandboxes_survive_a_daemon_kill9_and_restart() {
     let mut d = Daemon::start().await;
-    let a = d.create(json!({"name": "keeper"})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let b = d.create(json!({})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let a = d.create_id(json!({"name": "keeper"})).await;
+    let b = d.create_id(json!({})).await;
     d.sh_ok(
         &a,
         "echo precious > /root/data.txt; nohup sleep 1000 >/dev/null 2>&1 &",
@@ -69,10 +63,7 @@ async fn sandboxes_survive_a_daemon_kill9_and_restart() {
 #[tokio::test]
 async fn destroy_reclaims_every_resource() {
     let d = Daemon::start().await;
-    let id = d.create(json!({"memory_mb": 256})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.create_id(json!({"memory_mb": 256})).await;
     d.sh_ok(&id, "nohup sleep 1000 >/dev/null 2>&1 & echo started")
         .await;
     let pid = d.container_pid(&id);
@@ -96,16 +87,10 @@ async fn destroy_reclaims_every_resource() {
 #[tokio::test]
 async fn a_sandbox_whose_agent_dies_is_failed_then_destroyable() {
     let d = Daemon::start().await;
-    let id = d.create(json!({})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.create_id(json!({})).await;
     let pid = d.container_pid(&id);
     // Kill the agent (the container's init) from the host.
-    std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
+    sigkill(pid);
     let sb = d.wait_status(&id, "failed").await;
     assert!(
         sb["status_reason"].as_str().unwrap_or_default().len() > 3,
@@ -120,10 +105,7 @@ async fn a_sandbox_whose_agent_dies_is_failed_then_destroyable() {
 #[tokio::test]
 async fn state_is_in_one_sqlite_file() {
     let d = Daemon::start().await;
-    let id = d.create(json!({})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.create_id(json!({})).await;
     let db = d.state_dir().join("sandforge.db");
     let out = std::process::Command::new("sqlite3")
         .arg(&db)

@@ -165,10 +165,7 @@ async fn create_rejects_bad_bodies() {
 #[tokio::test]
 async fn exec_and_lookup_errors() {
     let d = Daemon::start().await;
-    let id = d.create(json!({})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.create_id(json!({})).await;
     let exec = |body: Value, path: &'static str| {
         let d = &d;
         let id = id.clone();
@@ -248,10 +245,7 @@ async fn exec_and_lookup_errors() {
 #[tokio::test]
 async fn oversized_and_lengthless_uploads_are_refused_without_reading_them() {
     let d = Daemon::start().await;
-    let id = d.create(json!({})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.create_id(json!({})).await;
     // A raw request that announces 200 MB and sends nothing: the answer must
     // come at once from the headers alone.
     let raw = |head: String| {

@@ -13,10 +13,7 @@ fn files(id: &str, query: &str) -> String {
 #[tokio::test]
 async fn put_get_head_ls_and_truncation() {
     let d = Daemon::start().await;
-    let id = d.create(json!({})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.create_id(json!({})).await;
 
     // 1 MiB of random bytes round-trips exactly, into a new directory.
     let mut data = vec![0u8; 1 << 20];
@@ -144,10 +141,7 @@ async fn put_get_head_ls_and_truncation() {
 #[tokio::test]
 async fn paths_are_validated() {
     let d = Daemon::start().await;
-    let id = d.create(json!({})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.create_id(json!({})).await;
     for (q, code) in [
         ("path=etc/passwd", "invalid_request"),
         ("path=/", "invalid_request"),

@@ -76,10 +76,7 @@ async fn root_inside_is_unprivileged_outside() {
 #[tokio::test]
 async fn offline_means_loopback_only() {
     let d = Daemon::start().await;
-    let id = d.create(json!({"network": "offline"})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.create_id(json!({"network": "offline"})).await;
     let ifaces = d.sh_ok(&id, "ls /sys/class/net").await;
     assert_eq!(ifaces, "lo\n");
     let routes = d
@@ -105,10 +102,7 @@ async fn offline_means_loopback_only() {
 #[tokio::test]
 async fn memory_limit_kills_the_command_not_the_sandbox() {
     let d = Daemon::start().await;
-    let id = d.create(json!({"memory_mb": 128})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.create_id(json!({"memory_mb": 128})).await;
     let v = d
         .sh(
             &id,
@@ -129,10 +123,7 @@ async fn memory_limit_kills_the_command_not_the_sandbox() {
 #[tokio::test]
 async fn pids_are_capped() {
     let d = Daemon::start().await;
-    let id = d.create(json!({})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.create_id(json!({})).await;
     // Fork until the kernel refuses: the cap (1024 per sandbox) stops it
     // with EAGAIN long before 2000.
     let probe = r#"import os, signal
@@ -182,14 +173,11 @@ async fn host_mounts_read_only_and_read_write() {
     std::fs::write(ro.join("keep.txt"), "keep\n").unwrap();
     let d = Daemon::start_with(&[shared.path()]).await;
     let id = d
-        .create(json!({"mounts": [
+        .create_id(json!({"mounts": [
             {"host_path": rw, "guest_path": "/work", "read_only": false},
             {"host_path": ro, "guest_path": "/ref", "read_only": true},
         ]}))
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+        .await;
     assert_eq!(d.sh_ok(&id, "cat /ref/keep.txt").await, "keep\n");
     let v = d.sh(&id, "echo x > /ref/new.txt").await;
     assert_ne!(v["exit_code"], 0, "read-only mount was writable: {v}");

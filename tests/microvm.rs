@@ -4,7 +4,7 @@
 //! when QEMU dies, and re-attachment after a daemon restart.
 
 use reqwest::{Method, StatusCode};
-use sandforge_tests::{gone_or_zombie, Daemon};
+use sandforge_tests::{gone_or_zombie, sigkill, Daemon};
 use serde_json::json;
 
 /// What the product should pick on this host: KVM only with a hardware
@@ -89,10 +89,7 @@ async fn a_vm_runs_commands_and_files_then_fails_cleanly_when_qemu_dies() {
     // Kill QEMU under the running sandbox: failed, with a reason; exec 409;
     // the console stays readable; destroy cleans everything.
     let pid = qemu_pid(&d, &id);
-    std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
+    sigkill(pid);
     let sb = d.wait_status(&id, "failed").await;
     assert!(
         sb["status_reason"].as_str().unwrap().contains("QEMU"),
@@ -118,10 +115,7 @@ async fn a_vm_runs_commands_and_files_then_fails_cleanly_when_qemu_dies() {
 #[tokio::test]
 async fn a_vm_survives_a_daemon_restart() {
     let mut d = Daemon::start().await;
-    let id = d.create(json!({"isolation": "microvm"})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.create_id(json!({"isolation": "microvm"})).await;
     d.sh_ok(
         &id,
         "echo kept > /root/kept.txt; nohup sleep 1000 >/dev/null 2>&1 &",

@@ -51,6 +51,11 @@ pub fn scratch_dir(prefix: &str) -> tempfile::TempDir {
     d
 }
 
+/// SIGKILL a host process (a sandbox's init or QEMU) from outside.
+pub fn sigkill(pid: u32) {
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).output();
+}
+
 /// A killed sandbox process is re-parented to the host's init, which reaps
 /// it; until then it is a zombie holding nothing but its pid.
 pub fn gone_or_zombie(pid: u32) -> bool {
@@ -230,6 +235,14 @@ impl Daemon {
         .await
     }
 
+    /// Create a sandbox, asserting 201; returns its id.
+    pub async fn create_id(&self, body: Value) -> String {
+        self.create(body).await["id"]
+            .as_str()
+            .expect("id")
+            .to_string()
+    }
+
     /// Run a shell command through `/execute`, asserting 200.
     pub async fn sh(&self, id: &str, command: &str) -> Value {
         let (s, v) = self
@@ -343,8 +356,11 @@ impl Drop for Daemon {
         for e in rd.flatten() {
             let id = e.file_name().to_string_lossy().to_string();
             // A VM: kill its QEMU (it outlives the daemon by design).
-            if let Ok(pid) = std::fs::read_to_string(e.path().join("qemu.pid")) {
-                let _ = Command::new("kill").args(["-9", pid.trim()]).output();
+            if let Some(pid) = std::fs::read_to_string(e.path().join("qemu.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+            {
+                sigkill(pid);
             }
             let _ = Command::new("runc")
                 .arg("--root")
