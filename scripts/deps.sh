@@ -2,7 +2,9 @@
 # Installs what Sandforge needs on Debian 12, idempotently: Debian packages
 # (only the missing ones), the default template (built once, cached in
 # /var/cache/sandforge/templates) and the microVM guest kernel and root
-# image (cached in /var/cache/sandforge/guest). Safe to run again and again.
+# image (cached in /var/cache/sandforge/guest), and virtiofsd (host mounts
+# in microVMs; built once from crates.io into /var/cache/sandforge/virtiofsd).
+# Safe to run again and again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,7 +17,8 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
-PKGS=(runc debootstrap sqlite3 file iproute2 util-linux python3 ca-certificates qemu-system-x86 qemu-utils e2fsprogs kmod lz4 curl)
+PKGS=(runc debootstrap sqlite3 file iproute2 util-linux python3 ca-certificates qemu-system-x86 qemu-utils e2fsprogs kmod lz4 curl
+      libseccomp-dev libcap-ng-dev pkg-config)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -24,6 +27,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+VIRTIOFSD_VERSION=1.14.0
+VIRTIOFSD_ROOT=/var/cache/sandforge/virtiofsd
+if ! "$VIRTIOFSD_ROOT/bin/virtiofsd" --version 2>/dev/null | grep -q "$VIRTIOFSD_VERSION"; then
+  echo "building virtiofsd $VIRTIOFSD_VERSION (once, about 2 minutes) ..."
+  cargo install --quiet --locked virtiofsd --version "$VIRTIOFSD_VERSION" --root "$VIRTIOFSD_ROOT"
 fi
 
 scripts/build-template.sh default

@@ -63,7 +63,7 @@ async fn lifecycle_and_cross_org_isolation() {
     assert_eq!(sb["cpu"], 1);
     assert_eq!(sb["memory_mb"], 256);
     assert_eq!(sb["network"], "offline");
-    assert_eq!(sb["isolation"], "container");
+    assert_eq!(sb["isolation"], sandforge_tests::isolation());
     assert!(sb["created_at"].as_str().unwrap().contains('T'));
     assert_eq!(sb["env_keys"], json!(["GREETING"]));
 

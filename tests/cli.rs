@@ -39,6 +39,8 @@ async fn cli_covers_the_core_operations() {
             "256",
             "--env",
             "A=1",
+            "--isolation",
+            sandforge_tests::isolation(),
         ],
     )
     .trim()

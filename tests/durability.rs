@@ -16,7 +16,7 @@ async fn sandboxes_survive_a_daemon_kill9_and_restart() {
         "echo precious > /root/data.txt; nohup sleep 1000 >/dev/null 2>&1 &",
     )
     .await;
-    let pid_before = d.container_pid(&a);
+    let pid_before = d.sandbox_pid(&a);
 
     d.kill9();
     // While the daemon is down the sandbox keeps running.
@@ -40,7 +40,7 @@ async fn sandboxes_survive_a_daemon_kill9_and_restart() {
         "{list}"
     );
     // Same sandbox, same processes, same files; exec works.
-    assert_eq!(d.container_pid(&a), pid_before);
+    assert_eq!(d.sandbox_pid(&a), pid_before);
     assert_eq!(d.sh_ok(&a, "cat /root/data.txt").await, "precious\n");
     assert_eq!(
         d.sh_ok(&a, "ps -eo args | grep -c '^sleep 1000'").await,
@@ -66,7 +66,7 @@ async fn destroy_reclaims_every_resource() {
     let id = d.create_id(json!({"memory_mb": 256})).await;
     d.sh_ok(&id, "nohup sleep 1000 >/dev/null 2>&1 & echo started")
         .await;
-    let pid = d.container_pid(&id);
+    let pid = d.sandbox_pid(&id);
     assert!(
         !d.leftovers(&id).is_empty(),
         "a live sandbox must hold resources (sanity check of the probe)"
@@ -88,7 +88,7 @@ async fn destroy_reclaims_every_resource() {
 async fn a_sandbox_whose_agent_dies_is_failed_then_destroyable() {
     let d = Daemon::start().await;
     let id = d.create_id(json!({})).await;
-    let pid = d.container_pid(&id);
+    let pid = d.sandbox_pid(&id);
     // Kill the agent (the container's init) from the host.
     sigkill(pid);
     let sb = d.wait_status(&id, "failed").await;

@@ -123,6 +123,31 @@ async fn create_rejects_bad_bodies() {
             "invalid_request",
             "body",
         ),
+        (
+            json!({"disk_mb": 10}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "disk_mb",
+        ),
+        (
+            json!({"isolation": "container", "disk_mb": 4096}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "disk_mb",
+        ),
+        (
+            // Smaller than the template's image (about 1 GB).
+            json!({"isolation": "microvm", "disk_mb": 300}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "disk_mb",
+        ),
+        (
+            json!({"isolation": "hypervisor"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "isolation",
+        ),
     ];
     for (body, status, code, mentions) in cases {
         let (s, v) = d

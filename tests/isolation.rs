@@ -1,12 +1,14 @@
-//! What a container sandbox may not do: root inside is not root outside,
-//! capabilities, seccomp, no-new-privileges, cgroup limits (memory hit =
-//! exit 137, pids cap), offline network, and host mounts only where the
+//! What a sandbox may not do, on either backend: root inside is not root
+//! outside (a container's shifted uid, capabilities, seccomp and
+//! no-new-privileges; a microVM's own kernel under a QEMU that is itself
+//! unprivileged and seccomp-confined), memory limits (hit = exit 137), the
+//! pids cap (containers), offline network, and host mounts only where the
 //! configuration allows, read-only when asked.
 
 use std::os::unix::fs::MetadataExt;
 
 use reqwest::{Method, StatusCode};
-use sandforge_tests::{scratch_dir, Daemon};
+use sandforge_tests::{scratch_dir, vm, Daemon};
 use serde_json::json;
 
 fn host_status_field(pid: u32, field: &str) -> String {
@@ -17,6 +19,40 @@ fn host_status_field(pid: u32, field: &str) -> String {
         .to_string()
 }
 
+/// The second column of a /proc status line (`Uid:`, `Seccomp:`, ...).
+fn host_status_value(pid: u32, field: &str) -> String {
+    host_status_field(pid, field)
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A microVM: a guest kernel of its own, and a QEMU that runs as a uid of
+/// its own (not root), confined by seccomp, with no capabilities.
+async fn vm_boundary(d: &Daemon, id: &str, other: &str) {
+    let uname = d.sh_ok(id, "uname -r").await;
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_ne!(
+        uname.trim(),
+        host.trim(),
+        "the guest runs the host's kernel"
+    );
+    let pid = d.sandbox_pid(id);
+    let uid: u32 = host_status_value(pid, "Uid:").parse().unwrap();
+    assert!(uid >= 1000, "QEMU runs as uid {uid}");
+    let other_uid: u32 = host_status_value(d.sandbox_pid(other), "Uid:")
+        .parse()
+        .unwrap();
+    assert_ne!(uid, other_uid, "two VMs share a uid");
+    assert_eq!(host_status_value(pid, "Seccomp:"), "2");
+    assert_eq!(host_status_value(pid, "NoNewPrivs:"), "1");
+    assert_eq!(host_status_value(pid, "CapEff:"), "0000000000000000");
+    // The disk it runs on is its own: owned by its uid, 0600-ish.
+    let disk = d.state_dir().join("sandboxes").join(id).join("disk.qcow2");
+    assert_eq!(std::fs::metadata(&disk).unwrap().uid(), uid);
+}
+
 #[tokio::test]
 async fn root_inside_is_unprivileged_outside() {
     let d = Daemon::start().await;
@@ -24,8 +60,18 @@ async fn root_inside_is_unprivileged_outside() {
     let id = sb["id"].as_str().unwrap();
     assert_eq!(d.sh_ok(id, "id -u").await, "0\n");
     assert_eq!(d.sh_ok(id, "hostname").await, "iso-box\n");
+    // The agent's own binary cannot be replaced.
+    let v = d.sh(id, "echo x > /.sandforge/sandforge-agent 2>&1").await;
+    assert_ne!(v["exit_code"], 0, "{v}");
+    if vm() {
+        let other = d.create_id(json!({})).await;
+        vm_boundary(&d, id, &other).await;
+        d.destroy(&other).await;
+        d.destroy(id).await;
+        return;
+    }
     // On the host, the sandbox's processes run as the shifted uid.
-    let pid = d.container_pid(id);
+    let pid = d.sandbox_pid(id);
     let uid_line = host_status_field(pid, "Uid:");
     assert!(
         uid_line
@@ -67,9 +113,6 @@ async fn root_inside_is_unprivileged_outside() {
     assert_ne!(v["exit_code"], 0, "{v}");
     let v = d.sh(id, "echo x > /proc/sysrq-trigger 2>&1").await;
     assert_ne!(v["exit_code"], 0, "{v}");
-    // The agent's own binary cannot be replaced.
-    let v = d.sh(id, "echo x > /.sandforge/sandforge-agent 2>&1").await;
-    assert_ne!(v["exit_code"], 0, "{v}");
     d.destroy(id).await;
 }
 
@@ -106,7 +149,10 @@ async fn memory_limit_kills_the_command_not_the_sandbox() {
     let v = d
         .sh(
             &id,
-            "python3 -c 'x = bytearray(400 * 1024 * 1024); print(len(x))'",
+            // 400 MB in 16 MB steps, each one written: a container hits its
+            // cgroup limit, a VM runs out of RAM (one 400 MB request would
+            // be refused up front by the guest kernel's overcommit check).
+            "python3 -c 'x = [bytearray(16 << 20) for _ in range(25)]; print(len(x))'",
         )
         .await;
     assert_eq!(v["exit_code"], 137, "{v}");
@@ -122,6 +168,12 @@ async fn memory_limit_kills_the_command_not_the_sandbox() {
 
 #[tokio::test]
 async fn pids_are_capped() {
+    if vm() {
+        // A host cgroup limit: a microVM's processes are bounded by its
+        // own kernel, its RAM and its vCPUs instead (README, Limits).
+        eprintln!("pids_are_capped: container backend only");
+        return;
+    }
     let d = Daemon::start().await;
     let id = d.create_id(json!({})).await;
     // Fork until the kernel refuses: the cap (1024 per sandbox) stops it
@@ -180,6 +232,12 @@ async fn host_mounts_read_only_and_read_write() {
         .await;
     assert_eq!(d.sh_ok(&id, "cat /ref/keep.txt").await, "keep\n");
     let v = d.sh(&id, "echo x > /ref/new.txt").await;
+    assert_ne!(v["exit_code"], 0, "read-only mount was writable: {v}");
+    // Enforced outside the sandbox: remounting it read-write from inside
+    // (refused in a container, possible in a VM's own kernel) does not help.
+    let v = d
+        .sh(&id, "mount -o remount,rw /ref 2>&1; echo x > /ref/new.txt")
+        .await;
     assert_ne!(v["exit_code"], 0, "read-only mount was writable: {v}");
     assert!(!ro.join("new.txt").exists());
     // Read-write: the sandbox's root writes, the file lands on the host owned

@@ -1,7 +1,9 @@
-//! The microVM backend through the real API: a real QEMU `-M microvm` guest
-//! (KVM on hardware-virtualization hosts, TCG elsewhere) booted from the
-//! Debian cloud kernel, exec and files over virtio-serial, the failed state
-//! when QEMU dies, and re-attachment after a daemon restart.
+//! What only the microVM backend has, through the real API: a real QEMU
+//! `-M microvm` guest (KVM on hardware-virtualization hosts, TCG elsewhere)
+//! booted from the Debian cloud kernel, `disk_mb`, the serial console, and
+//! the failed state when QEMU dies. Everything else (exec, files, mounts,
+//! restart, destroy) is the shared suite run with
+//! `SANDFORGE_TEST_ISOLATION=microvm`.
 
 use reqwest::{Method, StatusCode};
 use sandforge_tests::{gone_or_zombie, sigkill, Daemon};
@@ -29,7 +31,7 @@ fn qemu_pid(d: &Daemon, id: &str) -> u32 {
 async fn a_vm_runs_commands_and_files_then_fails_cleanly_when_qemu_dies() {
     let d = Daemon::start().await;
     let sb = d
-        .create(json!({"isolation": "microvm", "cpu": 1, "memory_mb": 512, "name": "vm-box"}))
+        .create(json!({"isolation": "microvm", "cpu": 2, "memory_mb": 384, "name": "vm-box", "disk_mb": 3072}))
         .await;
     let id = sb["id"].as_str().unwrap().to_string();
     assert_eq!(sb["isolation"], "microvm");
@@ -46,6 +48,23 @@ async fn a_vm_runs_commands_and_files_then_fails_cleanly_when_qemu_dies() {
             .trim()
     );
     assert_eq!(d.sh_ok(&id, "hostname").await, "vm-box\n");
+    // cpu and memory_mb are the guest's vCPUs and RAM; disk_mb its root disk.
+    assert_eq!(d.sh_ok(&id, "nproc").await, "2\n");
+    let mem_kb: u64 = d
+        .sh_ok(&id, "awk '/MemTotal/ {print $2}' /proc/meminfo")
+        .await
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((300_000..=384 * 1024).contains(&mem_kb), "{mem_kb} kB");
+    assert_eq!(sb["disk_mb"], 3072);
+    let root_mb: u64 = d
+        .sh_ok(&id, "df -m --output=size / | tail -1")
+        .await
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((2900..=3072).contains(&root_mb), "root is {root_mb} MB");
     assert_eq!(d.sh_ok(&id, "id -u").await, "0\n");
     assert!(d
         .sh_ok(&id, "cat /proc/1/cmdline")
@@ -109,31 +128,5 @@ async fn a_vm_runs_commands_and_files_then_fails_cleanly_when_qemu_dies() {
     );
     d.destroy(&id).await;
     assert!(!d.state_dir().join("sandboxes").join(&id).exists());
-    assert!(gone_or_zombie(pid), "QEMU {pid} survived destroy");
-}
-
-#[tokio::test]
-async fn a_vm_survives_a_daemon_restart() {
-    let mut d = Daemon::start().await;
-    let id = d.create_id(json!({"isolation": "microvm"})).await;
-    d.sh_ok(
-        &id,
-        "echo kept > /root/kept.txt; nohup sleep 1000 >/dev/null 2>&1 &",
-    )
-    .await;
-    let pid = qemu_pid(&d, &id);
-    d.kill9();
-    d.restart().await;
-    let (_, sb) = d
-        .call(Method::GET, &format!("/v1/sandboxes/{id}"), None)
-        .await;
-    assert_eq!(sb["status"], "running", "{sb}");
-    assert_eq!(qemu_pid(&d, &id), pid, "the same VM, not a new one");
-    assert_eq!(d.sh_ok(&id, "cat /root/kept.txt").await, "kept\n");
-    assert_eq!(
-        d.sh_ok(&id, "ps -eo args | grep -c '^sleep 1000'").await,
-        "1\n"
-    );
-    d.destroy(&id).await;
     assert!(gone_or_zombie(pid), "QEMU {pid} survived destroy");
 }

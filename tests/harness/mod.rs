@@ -32,6 +32,31 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// The backend this run of the suite targets: `SANDFORGE_TEST_ISOLATION`
+/// (`container`, the default, or `microvm`). Every create the harness sends
+/// without an `isolation` gets this one, so the same tests run against
+/// both backends (scripts/test.sh runs the suite once per backend).
+pub fn isolation() -> &'static str {
+    match std::env::var("SANDFORGE_TEST_ISOLATION").as_deref() {
+        Ok("microvm") => "microvm",
+        Ok("container") | Err(_) => "container",
+        Ok(other) => panic!("SANDFORGE_TEST_ISOLATION={other}: want container or microvm"),
+    }
+}
+
+/// Whether this run targets microVMs.
+pub fn vm() -> bool {
+    isolation() == "microvm"
+}
+
+/// Add the run's `isolation` to a create body that does not choose one.
+fn with_isolation(mut body: Value) -> Value {
+    if let Some(o) = body.as_object_mut() {
+        o.entry("isolation").or_insert_with(|| json!(isolation()));
+    }
+    body
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -202,6 +227,12 @@ impl Daemon {
         path: &str,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
+        let body = match body {
+            Some(b) if method == Method::POST && path.trim_end_matches('/') == "/v1/sandboxes" => {
+                Some(with_isolation(b))
+            }
+            other => other,
+        };
         let mut r = self.req(method, path);
         if let Some(b) = body {
             r = r.json(&b);
@@ -285,20 +316,48 @@ impl Daemon {
         assert_eq!(s, StatusCode::OK, "destroy failed: {v}");
     }
 
-    /// Host pid of a container sandbox's init (its agent).
-    pub fn container_pid(&self, id: &str) -> u32 {
-        let p = self
-            .state_dir()
-            .join("sandboxes")
-            .join(id)
-            .join("container.pid");
-        std::fs::read_to_string(&p).unwrap().trim().parse().unwrap()
+    /// The host process that holds a sandbox: a container's init (its
+    /// agent) or a microVM's QEMU.
+    pub fn sandbox_pid(&self, id: &str) -> u32 {
+        let dir = self.state_dir().join("sandboxes").join(id);
+        let file = if dir.join("qemu.pid").exists() {
+            "qemu.pid"
+        } else {
+            "container.pid"
+        };
+        std::fs::read_to_string(dir.join(file))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
     }
 
-    /// Host resources a sandbox still holds: cgroups, mounts, its directory,
-    /// runc state. Empty after a proper destroy.
+    /// Host processes whose command line names the sandbox's directory
+    /// (QEMU, virtiofsd): none after a proper destroy.
+    pub fn processes_of(&self, id: &str) -> Vec<u32> {
+        let dir = self.state_dir().join("sandboxes").join(id);
+        let needle = format!("{}/", dir.display());
+        let mut pids = vec![];
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmd).contains(&needle) && !gone_or_zombie(pid) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    /// Host resources a sandbox still holds: processes, cgroups, mounts, its
+    /// directory, runc state. Empty after a proper destroy.
     pub fn leftovers(&self, id: &str) -> Vec<String> {
-        let mut left = vec![];
+        let mut left: Vec<String> = self
+            .processes_of(id)
+            .iter()
+            .map(|p| format!("process {p}"))
+            .collect();
         if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
             for e in rd.flatten() {
                 for p in [

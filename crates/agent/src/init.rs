@@ -211,6 +211,17 @@ fn boot() -> Result<Never, Fail> {
         )
     })?;
     log(&format!("root {} mounted ({} s)", cfg.root, uptime()));
+    // The host may have made the disk larger than the template's image
+    // (`disk_mb`): grow the filesystem to fill it, online.
+    match sys::grow_ext4(&cfg.root, "/newroot") {
+        Ok(Some(bytes)) => log(&format!(
+            "root grown to {} MiB ({} s)",
+            bytes >> 20,
+            uptime()
+        )),
+        Ok(None) => {}
+        Err(e) => return Err(format!("growing the root filesystem: {e}")),
+    }
 
     // 5. The agent's own copy, out of reach of the disk's contents.
     let dir = format!("/newroot{AGENT_DIR}");
@@ -408,6 +419,38 @@ mod sys {
         } else {
             Err(io::Error::last_os_error())
         }
+    }
+
+    /// Grow the ext4 filesystem mounted at `mnt` to fill the block device
+    /// `dev` (`EXT4_IOC_RESIZE_FS`, online). `None` when it already does.
+    pub fn grow_ext4(dev: &str, mnt: &str) -> io::Result<Option<u64>> {
+        /// `_IOR(0x12, 114, u64)` from linux/fs.h.
+        const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+        /// `_IOW('f', 16, u64)` from fs/ext4/ext4.h.
+        const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
+        let disk = std::fs::File::open(dev)?;
+        let mut bytes: u64 = 0;
+        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which
+        // points at a live local; the fd is open for the call.
+        if unsafe { libc::ioctl(disk.as_raw_fd(), BLKGETSIZE64, &mut bytes) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let st = rustix::fs::statvfs(mnt)?;
+        let block = st.f_bsize.max(1024);
+        let want = bytes / block;
+        // f_blocks leaves out ext4's metadata overhead, so it is below the
+        // real block count: equal or more means there is nothing to add.
+        if want <= st.f_blocks {
+            return Ok(None);
+        }
+        let root = std::fs::File::open(mnt)?;
+        // SAFETY: EXT4_IOC_RESIZE_FS reads one u64 (the new block count)
+        // through the pointer, which points at a live local. The kernel
+        // treats the current size as a no-op and refuses to shrink.
+        if unsafe { libc::ioctl(root.as_raw_fd(), EXT4_IOC_RESIZE_FS, &want) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Some(want * block))
     }
 
     /// `reboot(RB_POWER_OFF)`: returns only on failure.

@@ -113,6 +113,9 @@ pub struct CreateSandbox {
     pub template_id: Option<String>,
     #[serde(default)]
     pub isolation: Option<Isolation>,
+    /// Size of a microVM's root disk (its copy-on-write overlay), MB.
+    #[serde(default)]
+    pub disk_mb: Option<u64>,
 }
 
 /// A create request with defaults applied and every field checked.
@@ -127,6 +130,7 @@ pub struct ValidCreate {
     pub metadata: BTreeMap<String, String>,
     pub template: String,
     pub isolation: Option<Isolation>,
+    pub disk_mb: Option<u64>,
 }
 
 pub const DEFAULT_TEMPLATE: &str = "default";
@@ -184,6 +188,18 @@ impl CreateSandbox {
                     limits::MAX_MEMORY_MB
                 ),
             ));
+        }
+        if let Some(d) = self.disk_mb {
+            if !(limits::MIN_DISK_MB..=limits::MAX_DISK_MB).contains(&d) {
+                return Err(Invalid::new(
+                    "disk_mb",
+                    format!(
+                        "must be between {} and {}",
+                        limits::MIN_DISK_MB,
+                        limits::MAX_DISK_MB
+                    ),
+                ));
+            }
         }
         if let Some(n) = &self.name {
             validate_name("name", n)?;
@@ -256,6 +272,7 @@ impl CreateSandbox {
             metadata: self.metadata,
             template,
             isolation: self.isolation,
+            disk_mb: self.disk_mb,
         })
     }
 }
@@ -290,6 +307,9 @@ pub struct Sandbox {
     pub cpu: u32,
     pub cpus: u32,
     pub memory_mb: u64,
+    /// Root disk size of a microVM (absent for containers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mb: Option<u64>,
     pub network: Network,
     pub mounts: Vec<Mount>,
     /// Names of the sandbox's environment variables (values are never echoed).
@@ -357,6 +377,8 @@ mod tests {
     fn bad_sizes_name_fields() {
         assert_eq!(create(r#"{"cpu":0}"#).unwrap_err().field, "cpu");
         assert_eq!(create(r#"{"memory_mb":1}"#).unwrap_err().field, "memory_mb");
+        assert_eq!(create(r#"{"disk_mb":10}"#).unwrap_err().field, "disk_mb");
+        assert_eq!(create(r#"{"disk_mb":4096}"#).unwrap().disk_mb, Some(4096));
         assert_eq!(create(r#"{"name":"-x"}"#).unwrap_err().field, "name");
         let e = create(r#"{"mounts":[{"host_path":"/tmp","guest_path":"/proc/x"}]}"#).unwrap_err();
         assert_eq!(e.field, "mounts[0].guest_path");

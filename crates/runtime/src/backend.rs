@@ -32,6 +32,8 @@ pub struct SandboxSpec {
     pub hostname: String,
     pub cpus: u32,
     pub memory_mb: u64,
+    /// Root disk size (microVMs); `None` keeps the template image's size.
+    pub disk_mb: Option<u64>,
     pub pids_limit: u64,
     pub network: Network,
     pub mounts: Vec<ResolvedMount>,

@@ -45,6 +45,13 @@ pub struct Config {
     pub guest_dir: PathBuf,
     /// Seconds a VM has from QEMU start to its agent answering.
     pub vm_boot_timeout_secs: u64,
+    /// Root disk of a microVM when the create does not set `disk_mb`.
+    pub vm_disk_mb: u64,
+    /// Each QEMU runs as its own uid from `vm_uid_base` up (no passwd entry
+    /// needed); 0 runs QEMU as the daemon's user.
+    pub vm_uid_base: u32,
+    /// The rust virtiofsd (host mounts in microVMs).
+    pub virtiofsd: PathBuf,
 }
 
 impl Default for Config {
@@ -66,6 +73,9 @@ impl Default for Config {
             qemu_img: PathBuf::from("qemu-img"),
             guest_dir: PathBuf::from("/var/cache/sandforge/guest"),
             vm_boot_timeout_secs: 60,
+            vm_disk_mb: 2048,
+            vm_uid_base: 2_000_000,
+            virtiofsd: PathBuf::from("/var/cache/sandforge/virtiofsd/bin/virtiofsd"),
         }
     }
 }

@@ -114,6 +114,7 @@ impl Controller {
             hostname: row.name.clone(),
             cpus: row.spec.cpus,
             memory_mb: row.spec.memory_mb,
+            disk_mb: row.spec.disk_mb,
             pids_limit: self.cfg.pids_limit,
             network: row.spec.network,
             mounts: row
@@ -144,6 +145,7 @@ impl Controller {
             cpu: row.spec.cpus,
             cpus: row.spec.cpus,
             memory_mb: row.spec.memory_mb,
+            disk_mb: row.spec.disk_mb,
             network: row.spec.network,
             mounts: row.spec.mounts.clone(),
             env_keys: row.spec.env.keys().cloned().collect(),
@@ -186,11 +188,47 @@ impl Controller {
             .collect()
     }
 
+    /// The root disk of a new sandbox: microVMs get `disk_mb` (default
+    /// `vm_disk_mb`), never less than their template's image; containers
+    /// write to the host's filesystem and take no size.
+    fn disk_size(
+        &self,
+        isolation: Isolation,
+        v: &ValidCreate,
+        template: &sandforge_runtime::Template,
+    ) -> Result<Option<u64>, ApiError> {
+        if isolation == Isolation::Container {
+            return match v.disk_mb {
+                Some(_) => Err(ApiError::bad_request(
+                    "disk_mb",
+                    "applies to microvm sandboxes only (a container's writable layer is on the host's filesystem)",
+                )),
+                None => Ok(None),
+            };
+        }
+        let image = sandforge_runtime::microvm::base_image(template);
+        let min = std::fs::metadata(&image)
+            .map(|m| m.len().div_ceil(1 << 20))
+            .unwrap_or(0);
+        match v.disk_mb {
+            Some(d) if d < min => Err(ApiError::bad_request(
+                "disk_mb",
+                format!(
+                    "must be at least {min} (the size of template '{}')",
+                    template.name
+                ),
+            )),
+            Some(d) => Ok(Some(d)),
+            None => Ok(Some(self.cfg.vm_disk_mb.max(min))),
+        }
+    }
+
     pub async fn create(&self, org: &str, req: CreateSandbox) -> Result<Sandbox, ApiError> {
         let v = req.validate()?;
         let isolation = v.isolation.unwrap_or(self.default_isolation);
         let backend = self.backend(isolation)?;
-        self.templates.get(&v.template)?;
+        let template = self.templates.get(&v.template)?;
+        let disk_mb = self.disk_size(isolation, &v, &template)?;
         let resolved = self.resolve_mounts(&v)?;
         let live = self
             .db
@@ -239,6 +277,7 @@ impl Controller {
                 template: v.template.clone(),
                 cpus: v.cpus,
                 memory_mb: v.memory_mb,
+                disk_mb,
                 network: v.network,
                 mounts: v.mounts.clone(),
                 resolved_host_paths: resolved,
@@ -536,6 +575,7 @@ fn bare_spec(id: &str, dir: PathBuf, template: sandforge_runtime::Template) -> S
         hostname: id.to_string(),
         cpus: 1,
         memory_mb: 0,
+        disk_mb: None,
         pids_limit: 0,
         network: sandforge_api::Network::Offline,
         mounts: vec![],

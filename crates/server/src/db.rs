@@ -47,6 +47,9 @@ pub struct StoredSpec {
     pub template: String,
     pub cpus: u32,
     pub memory_mb: u64,
+    /// Root disk of a microVM, MB.
+    #[serde(default)]
+    pub disk_mb: Option<u64>,
     pub network: Network,
     /// As requested (host paths as the caller wrote them).
     pub mounts: Vec<Mount>,
@@ -248,6 +251,7 @@ mod tests {
                 template: "default".into(),
                 cpus: 1,
                 memory_mb: 512,
+                disk_mb: None,
                 network: Network::Offline,
                 mounts: vec![],
                 resolved_host_paths: vec![],

@@ -208,6 +208,8 @@ fn microvm_backend(cfg: &Config, state: &Path, agent: &Path) -> Result<MicrovmBa
         accel,
         sandboxes_dir: state.join("sandboxes"),
         boot_timeout: Duration::from_secs(cfg.vm_boot_timeout_secs),
+        virtiofsd: cfg.virtiofsd.clone(),
+        uid_base: cfg.vm_uid_base,
     })
     .map_err(|e| e.to_string())
 }

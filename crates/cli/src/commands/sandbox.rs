@@ -30,6 +30,9 @@ pub struct CreateArgs {
     /// Memory in MiB
     #[arg(long, value_name = "N")]
     pub memory_mb: Option<u64>,
+    /// Root disk of a microVM in MiB
+    #[arg(long, value_name = "N")]
+    pub disk_mb: Option<u64>,
     /// Template to boot from
     #[arg(long, value_name = "T")]
     pub template: Option<String>,
@@ -106,6 +109,7 @@ pub async fn create(client: &Client, args: CreateArgs) -> Result<ExitCode> {
         name: args.name,
         cpu: args.cpu,
         memory_mb: args.memory_mb,
+        disk_mb: args.disk_mb,
         template: args.template,
         isolation: args.isolation,
         env: parse::into_map(args.env),

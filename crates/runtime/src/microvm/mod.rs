@@ -10,9 +10,12 @@
 //! base image or other sandboxes' directories.
 
 pub mod accel;
+pub mod identity;
 pub mod initramfs;
+pub mod procs;
 pub mod qemu;
 pub mod qmp;
+pub mod virtiofs;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -40,11 +43,16 @@ pub struct MicrovmConfig {
     pub sandboxes_dir: PathBuf,
     /// How long a VM may take from QEMU start to its agent answering.
     pub boot_timeout: Duration,
+    /// The rust virtiofsd, for host mounts.
+    pub virtiofsd: PathBuf,
+    /// First uid of the range QEMU processes run as (0: as the daemon).
+    pub uid_base: u32,
 }
 
 pub struct MicrovmBackend {
     cfg: MicrovmConfig,
     tsc_khz: Option<u64>,
+    ids: identity::Identities,
 }
 
 /// The read-only ext4 image of a template (built by scripts/build-guest.sh).
@@ -63,12 +71,7 @@ fn live_qemu(dir: &Path) -> Option<u32> {
         .trim()
         .parse()
         .ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let needle = dir.join("agent.sock");
-    let needle = needle.to_string_lossy();
-    String::from_utf8_lossy(&cmdline)
-        .contains(needle.as_ref())
-        .then_some(pid)
+    procs::is(pid, &qemu::agent_socket(dir)).then_some(pid)
 }
 
 fn console_tail(dir: &Path) -> String {
@@ -95,32 +98,34 @@ impl MicrovmBackend {
         } else {
             None
         };
-        Ok(Self { cfg, tsc_khz })
+        let ids = identity::Identities::new(cfg.uid_base);
+        Ok(Self { cfg, tsc_khz, ids })
     }
 
     pub fn accel(&self) -> Accel {
         self.cfg.accel
     }
 
-    async fn create_disk(&self, base: &Path, disk: &Path) -> Result<()> {
-        let out = tokio::time::timeout(
-            Duration::from_secs(30),
-            tokio::process::Command::new(&self.cfg.qemu_img)
-                .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-                .arg(base)
-                .arg(disk)
-                .stdin(Stdio::null())
-                .output(),
-        )
-        .await
-        .map_err(|_| RuntimeError::Command {
-            tool: "qemu-img".into(),
-            message: "timed out".into(),
-        })?
-        .map_err(|e| RuntimeError::Command {
-            tool: "qemu-img".into(),
-            message: e.to_string(),
-        })?;
+    /// A qcow2 overlay over the read-only base image; `size_mb` larger than
+    /// the base grows the virtual disk (the guest's init then grows ext4).
+    async fn create_disk(&self, base: &Path, disk: &Path, size_mb: Option<u64>) -> Result<()> {
+        let mut cmd = tokio::process::Command::new(&self.cfg.qemu_img);
+        cmd.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(base)
+            .arg(disk);
+        if let Some(mb) = size_mb {
+            cmd.arg(format!("{mb}M"));
+        }
+        let out = tokio::time::timeout(Duration::from_secs(30), cmd.stdin(Stdio::null()).output())
+            .await
+            .map_err(|_| RuntimeError::Command {
+                tool: "qemu-img".into(),
+                message: "timed out".into(),
+            })?
+            .map_err(|e| RuntimeError::Command {
+                tool: "qemu-img".into(),
+                message: e.to_string(),
+            })?;
         if out.status.success() {
             Ok(())
         } else {
@@ -131,7 +136,13 @@ impl MicrovmBackend {
         }
     }
 
-    fn spawn_qemu(&self, spec: &SandboxSpec, disk: &Path) -> Result<std::process::Child> {
+    fn spawn_qemu(
+        &self,
+        spec: &SandboxSpec,
+        disk: &Path,
+        shares: Vec<virtiofs::Share>,
+        owner: Option<identity::VmIdentity>,
+    ) -> Result<std::process::Child> {
         let args = qemu::args(&qemu::VmArgs {
             accel: self.cfg.accel,
             cpus: spec.cpus,
@@ -142,12 +153,29 @@ impl MicrovmBackend {
             dir: spec.dir.clone(),
             hostname: spec.hostname.clone(),
             tsc_khz: self.tsc_khz,
+            shares,
         });
+        let cmdline_len = args
+            .iter()
+            .position(|a| a == "-append")
+            .and_then(|i| args.get(i + 1))
+            .map_or(0, |c| c.len());
+        if cmdline_len > qemu::MAX_CMDLINE {
+            return Err(RuntimeError::Setup(format!(
+                "the guest kernel command line would be {cmdline_len} bytes (at most {}): shorten the mounts' guest paths",
+                qemu::MAX_CMDLINE
+            )));
+        }
         let log_path = spec.dir.join("qemu.log");
         let log = std::fs::File::create(&log_path).map_err(io("create", &log_path))?;
         let log2 = log.try_clone().map_err(io("dup", &log_path))?;
         use std::os::unix::process::CommandExt;
-        let child = std::process::Command::new(&self.cfg.qemu_binary)
+        let mut cmd = std::process::Command::new(&self.cfg.qemu_binary);
+        if let Some(id) = owner {
+            // Not root: its own uid (std also drops supplementary groups).
+            cmd.uid(id.uid).gid(id.gid);
+        }
+        let child = cmd
             .args(&args)
             .stdin(Stdio::null())
             .stdout(log)
@@ -174,10 +202,14 @@ impl MicrovmBackend {
                 ),
             });
         }
-        std::fs::create_dir_all(&spec.dir).map_err(io("mkdir", &spec.dir))?;
+        let owner = self.ids.claim(&self.cfg.sandboxes_dir, &spec.dir)?;
         let disk = spec.dir.join("disk.qcow2");
-        self.create_disk(&base, &disk).await?;
-        let mut child = self.spawn_qemu(spec, &disk)?;
+        self.create_disk(&base, &disk, spec.disk_mb).await?;
+        if let Some(id) = owner {
+            identity::give(&disk, id)?;
+        }
+        let shares = virtiofs::start(&self.cfg.virtiofsd, &spec.dir, &spec.mounts, owner).await?;
+        let mut child = self.spawn_qemu(spec, &disk, shares, owner)?;
         let client = AgentClient::serial(qemu::agent_socket(&spec.dir));
         let deadline = Instant::now() + self.cfg.boot_timeout;
         let ready = loop {
@@ -275,6 +307,13 @@ impl Backend for MicrovmBackend {
             if live_qemu(&spec.dir).is_some() {
                 return Err(RuntimeError::Setup(format!("QEMU {pid} survived SIGKILL")));
             }
+        }
+        // virtiofsd exits when its QEMU hangs up; make sure of it.
+        for _ in 0..100 {
+            if virtiofs::stop_all(&spec.dir) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         remove_sandbox_dir(&spec.dir)
     }

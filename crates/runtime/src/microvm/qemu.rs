@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use super::accel::Accel;
+use super::virtiofs::{self, Share};
 
 /// Everything that varies between VMs.
 #[derive(Debug, Clone)]
@@ -24,7 +25,12 @@ pub struct VmArgs {
     pub hostname: String,
     /// Host CPU frequency for `tsc_early_khz` (TCG boots hang without it).
     pub tsc_khz: Option<u64>,
+    /// Host directories served by virtiofsd.
+    pub shares: Vec<Share>,
 }
+
+/// x86 `COMMAND_LINE_SIZE` is 2048 bytes, with the terminating NUL.
+pub const MAX_CMDLINE: usize = 2047;
 
 pub const PORT_NAME: &str = "sandforge.agent";
 
@@ -57,6 +63,12 @@ pub fn kernel_cmdline(a: &VmArgs) -> String {
     if let Some(khz) = a.tsc_khz {
         c.push(format!("tsc_early_khz={khz}"));
     }
+    if !a.shares.is_empty() {
+        c.push(format!(
+            "sandforge.mounts={}",
+            virtiofs::cmdline_value(&a.shares)
+        ));
+    }
     c.join(" ")
 }
 
@@ -75,6 +87,9 @@ pub fn args(a: &VmArgs) -> Vec<String> {
         "-object".into(),
         format!("memory-backend-memfd,id=mem,size={}M,share=on", a.memory_mb),
         "-nodefaults".into(),
+        // virtio 1.x transport: vhost-user-fs (and virtiofsd) require it.
+        "-global".into(),
+        "virtio-mmio.force-legacy=false".into(),
         "-no-user-config".into(),
         "-nographic".into(),
         "-display".into(),
@@ -105,6 +120,16 @@ pub fn args(a: &VmArgs) -> Vec<String> {
         ),
         "-device".into(),
         format!("virtserialport,chardev=agent,name={PORT_NAME}"),
+    ]);
+    for s in &a.shares {
+        v.extend([
+            "-chardev".into(),
+            format!("socket,id={},path={}", s.tag, d(s.socket.clone())),
+            "-device".into(),
+            format!("vhost-user-fs-device,chardev={0},tag={0}", s.tag),
+        ]);
+    }
+    v.extend([
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", d(qmp_socket(&a.dir))),
         "-sandbox".into(),
@@ -145,6 +170,7 @@ mod tests {
             dir: "/s/sb".into(),
             hostname: "box".into(),
             tsc_khz: Some(2_000_000),
+            shares: vec![],
         };
         let v = args(&a);
         let joined = v.join(" ");
@@ -159,6 +185,20 @@ mod tests {
         assert!(
             cmdline.contains("tsc_early_khz=2000000") && cmdline.contains("sandforge.hostname=box")
         );
+        assert!(!cmdline.contains("sandforge.mounts"));
         assert!(Accel::Kvm.qemu_args().contains(&"host".to_string()));
+        let shared = VmArgs {
+            shares: vec![Share {
+                tag: "sf0".into(),
+                socket: "/s/sb/vfs-0.sock".into(),
+                guest_path: "/work".into(),
+                read_only: true,
+            }],
+            ..a
+        };
+        let joined = args(&shared).join(" ");
+        assert!(joined.contains("-chardev socket,id=sf0,path=/s/sb/vfs-0.sock"));
+        assert!(joined.contains("-device vhost-user-fs-device,chardev=sf0,tag=sf0"));
+        assert!(kernel_cmdline(&shared).contains("sandforge.mounts=sf0:/work:ro"));
     }
 }
