@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Core latency benchmark (tests/benches/core.rs): the real daemon against
+# Benchmarks (tests/benches/core.rs, then microvm.rs): the real daemon against
 # host baselines, printed as a markdown table. Builds what it needs (the
 # static agent and the release workspace, since the bench profile runs the
 # daemon from target/release), then runs it. BENCH_N sets the runs per row
-# (default 20, plus one discarded warm-up). Run as root.
+# (default 20, plus one discarded warm-up); BENCH_VM_N the VM boots (default
+# 5). Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then
@@ -14,3 +15,5 @@ scripts/deps.sh
 scripts/build-agent.sh
 cargo build --quiet --release --workspace
 cargo bench --quiet -p sandforge-tests --bench core "$@"
+echo
+cargo bench --quiet -p sandforge-tests --bench microvm "$@"

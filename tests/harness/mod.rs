@@ -7,6 +7,8 @@
 //! `sandforge` binary beside the test executable and the static agent in
 //! `target/x86_64-unknown-linux-gnu/release/`.
 
+pub mod bench;
+
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
