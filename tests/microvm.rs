@@ -130,3 +130,27 @@ async fn a_vm_runs_commands_and_files_then_fails_cleanly_when_qemu_dies() {
     assert!(!d.state_dir().join("sandboxes").join(&id).exists());
     assert!(gone_or_zombie(pid), "QEMU {pid} survived destroy");
 }
+
+#[tokio::test]
+async fn a_vm_whose_agent_never_answers_fails_its_create_in_bounded_time() {
+    // One second is far too short for any boot: the create must give up,
+    // say why, and leave nothing behind.
+    let d = Daemon::start_with_config(&[], "vm_boot_timeout_secs: 1").await;
+    let (s, v) = d
+        .call(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"isolation": "microvm"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["error"]["code"], "start_failed", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("did not answer within 1s"), "{msg}");
+    let (_, list) = d
+        .call(Method::GET, "/v1/sandboxes?status=failed", None)
+        .await;
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    assert!(d.leftovers(&id).is_empty(), "{:?}", d.leftovers(&id));
+    d.destroy(&id).await;
+}

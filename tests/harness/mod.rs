@@ -107,6 +107,11 @@ pub struct Daemon {
 impl Daemon {
     /// Start a daemon whose config allows host mounts under `allowed`.
     pub async fn start_with(allowed: &[&Path]) -> Daemon {
+        Self::start_with_config(allowed, "").await
+    }
+
+    /// Start a daemon with `extra` YAML lines appended to its config.
+    pub async fn start_with_config(allowed: &[&Path], extra: &str) -> Daemon {
         let dir = scratch_dir("sf-test-");
         let port = free_port();
         let config = dir.path().join("config.yaml");
@@ -119,6 +124,7 @@ impl Daemon {
             .map(|p| format!("\"{}\"", p.display()))
             .collect();
         writeln!(f, "allowed_host_paths: [{}]", list.join(", ")).unwrap();
+        writeln!(f, "{extra}").unwrap();
         drop(f);
         let mut d = Daemon {
             url: format!("http://127.0.0.1:{port}"),
