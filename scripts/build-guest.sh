@@ -31,7 +31,7 @@ TEMPLATES=${SANDFORGE_TEMPLATE_DIR:-$CACHE/templates}
 NAME=${1:-default}
 KPKG=${SANDFORGE_GUEST_KERNEL_PACKAGE:-linux-image-cloud-amd64}
 # The modules the init loads (their dependencies are added, first).
-WANT=(virtio_ring virtio virtio_mmio virtio_console virtio_blk fuse virtiofs)
+WANT=(virtio_ring virtio virtio_mmio virtio_console virtio_blk virtio_net fuse virtiofs)
 
 if [ "$(id -u)" != 0 ]; then
   echo "error: run as root" >&2
@@ -57,7 +57,7 @@ trap cleanup EXIT
 # ---------------------------------------------------------------- kernel --
 build_kernel() {
   # Bump FORMAT when the layout changes: an older cache is rebuilt.
-  local FORMAT=2
+  local FORMAT=3
   complete() { [ -f "$GUEST/guest.json" ] && grep -q "\"format\": $FORMAT[,}]" "$GUEST/guest.json"; }
   if complete; then
     echo "guest kernel already built at $GUEST ($(cat "$GUEST/kernel.release"))"

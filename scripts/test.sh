@@ -15,4 +15,5 @@ cargo build --quiet --workspace --all-targets
 cargo test --workspace "$@"
 echo "== the API suite again, against microVMs =="
 SANDFORGE_TEST_ISOLATION=microvm cargo test -p sandforge-tests \
-  --test api --test files --test errors --test isolation --test durability --test cli "$@"
+  --test api --test files --test errors --test isolation --test durability --test cli \
+  --test network "$@"

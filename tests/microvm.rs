@@ -31,7 +31,7 @@ fn qemu_pid(d: &Daemon, id: &str) -> u32 {
 async fn a_vm_runs_commands_and_files_then_fails_cleanly_when_qemu_dies() {
     let d = Daemon::start().await;
     let sb = d
-        .create(json!({"isolation": "microvm", "cpu": 2, "memory_mb": 384, "name": "vm-box", "disk_mb": 3072}))
+        .create(json!({"isolation": "microvm", "cpu": 2, "memory_mb": 384, "name": "vm-box", "disk_mb": 3072, "network": "offline"}))
         .await;
     let id = sb["id"].as_str().unwrap().to_string();
     assert_eq!(sb["isolation"], "microvm");

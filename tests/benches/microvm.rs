@@ -83,6 +83,7 @@ fn raw_boot(d: &Daemon, run: usize, accel: accel::Accel) {
             .then(qemu::host_tsc_khz)
             .flatten(),
         shares: vec![],
+        net: None,
     });
     let console = qemu::console_log(dir.path());
     let t = Instant::now();

@@ -59,6 +59,16 @@ fn with_isolation(mut body: Value) -> Value {
     body
 }
 
+/// The network prefix and nftables table of the test daemon on `port`.
+pub fn net_names(port: u16) -> (String, String) {
+    let p = port as u32;
+    let letters: String = [p / 676 % 26, p / 26 % 26, p % 26]
+        .iter()
+        .map(|n| (b'a' + *n as u8) as char)
+        .collect();
+    (format!("z{letters}"), format!("sft{port}"))
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -124,6 +134,18 @@ impl Daemon {
             .map(|p| format!("\"{}\"", p.display()))
             .collect();
         writeln!(f, "allowed_host_paths: [{}]", list.join(", ")).unwrap();
+        // Its own network names and subnet, so that test daemons running
+        // side by side never touch each other's links and rules.
+        let (net_prefix, nft_table) = net_names(port);
+        writeln!(f, "network_prefix: {net_prefix}").unwrap();
+        writeln!(f, "nft_table: {nft_table}").unwrap();
+        writeln!(
+            f,
+            "network_subnet: 10.{}.{}.0/24",
+            200 + (port / 256) % 50,
+            port % 256
+        )
+        .unwrap();
         writeln!(f, "{extra}").unwrap();
         drop(f);
         let mut d = Daemon {

@@ -58,6 +58,8 @@ struct Config {
     port: String,
     /// `sandforge.hostname=`.
     hostname: Option<String>,
+    /// `sandforge.net=ADDR/LEN,GATEWAY`: configure `eth0` (else no NIC).
+    net: Option<crate::netconf::NetSpec>,
     /// `sandforge.mounts=TAG:GUESTPATH:ro|rw,...` (guest paths
     /// percent-decoded, so `%2C`, `%3A`, `%20` stand for `,`, `:`, space).
     mounts: Vec<Share>,
@@ -76,6 +78,7 @@ fn parse_cmdline(cmdline: &str) -> Result<Config, String> {
         root: "/dev/vda".into(),
         port: "sandforge.agent".into(),
         hostname: None,
+        net: None,
         mounts: Vec::new(),
     };
     for word in cmdline.split_ascii_whitespace() {
@@ -101,6 +104,7 @@ fn parse_cmdline(cmdline: &str) -> Result<Config, String> {
                 }
                 cfg.hostname = Some(value.into());
             }
+            "sandforge.net" => cfg.net = Some(crate::netconf::NetSpec::parse(value)?),
             "sandforge.mounts" => {
                 cfg.mounts = value
                     .split(',')
@@ -271,6 +275,13 @@ fn boot() -> Result<Never, Fail> {
         fs::write("/etc/hosts", hosts).map_err(ctx(|| "writing /etc/hosts".into()))?;
     }
     sys::loopback_up().map_err(ctx(|| "bringing lo up".into()))?;
+    if let Some(net) = &cfg.net {
+        wait_for("network device eth0", || {
+            Path::new("/sys/class/net/eth0").exists()
+        })?;
+        crate::netconf::configure("eth0", net)
+            .map_err(ctx(|| format!("configuring eth0 ({net:?})")))?;
+    }
     for share in &cfg.mounts {
         mkdir_p(&share.path)?;
         let mut flags = MountFlags::NODEV;
@@ -510,9 +521,13 @@ mod tests {
                 root: "/dev/vda".into(),
                 port: "sandforge.agent".into(),
                 hostname: None,
+                net: None,
                 mounts: vec![],
             }
         );
+        let cfg = parse_cmdline("sandforge.net=10.213.0.2/30,10.213.0.1").unwrap();
+        assert_eq!(cfg.net.unwrap().gateway.to_string(), "10.213.0.1");
+        assert!(parse_cmdline("sandforge.net=nonsense").is_err());
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod exec;
 mod files;
 mod init;
 mod lines;
+mod netconf;
 mod query;
 mod reaper;
 mod reply;

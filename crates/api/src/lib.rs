@@ -8,12 +8,14 @@
 
 pub mod error;
 pub mod exec;
+pub mod network;
 pub mod sandbox;
 
 pub use error::{ErrorBody, ErrorDetail};
 pub use exec::{ExecEvent, ExecRequest, ExecResponse, ExecuteRequest, ExecuteResponse};
+pub use network::{Cidr, Egress, EgressMode, Network, NetworkPolicy, PatchSandbox};
 pub use sandbox::{
-    CreateSandbox, DeleteResponse, Health, Isolation, Mount, Network, Sandbox, SandboxStatus,
+    CreateSandbox, DeleteResponse, Health, Isolation, Mount, Sandbox, SandboxStatus,
 };
 
 /// A validation failure: the offending field and why.
@@ -46,6 +48,8 @@ pub mod limits {
     pub const MAX_METADATA: usize = 64;
     pub const MAX_METADATA_BYTES: usize = 1024;
     pub const MAX_MOUNTS: usize = 16;
+    /// Entries in each list of an egress policy.
+    pub const MAX_EGRESS_ENTRIES: usize = 256;
     pub const MAX_NAME_LEN: usize = 63;
     pub const MAX_EXEC_TIMEOUT_SECS: u64 = 300;
     pub const DEFAULT_EXEC_TIMEOUT_SECS: u64 = 60;

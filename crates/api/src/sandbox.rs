@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::network::{Egress, Network, NetworkPolicy};
 use crate::{limits, validate_env, Invalid};
 
 /// Isolation backend of a sandbox.
@@ -21,14 +22,6 @@ impl Isolation {
             Isolation::Microvm => "microvm",
         }
     }
-}
-
-/// Network mode. Only `offline` (loopback only) is implemented in this
-/// build; NAT'd networking arrives with the networking issue.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Network {
-    Offline,
 }
 
 /// Lifecycle states (seeds 000–003).
@@ -101,6 +94,11 @@ pub struct CreateSandbox {
     pub memory_mb: Option<u64>,
     #[serde(default)]
     pub network: Option<Network>,
+    /// Outbound policy (seed 001); `network_policy` is seed 003's spelling.
+    #[serde(default)]
+    pub egress: Option<Egress>,
+    #[serde(default)]
+    pub network_policy: Option<NetworkPolicy>,
     #[serde(default)]
     pub mounts: Vec<Mount>,
     #[serde(default)]
@@ -124,7 +122,10 @@ pub struct ValidCreate {
     pub name: Option<String>,
     pub cpus: u32,
     pub memory_mb: u64,
-    pub network: Network,
+    /// `None`: the template's default.
+    pub network: Option<Network>,
+    /// `None`: the template's default policy.
+    pub egress: Option<Egress>,
     pub mounts: Vec<Mount>,
     pub env: BTreeMap<String, String>,
     pub metadata: BTreeMap<String, String>,
@@ -188,6 +189,25 @@ impl CreateSandbox {
                     limits::MAX_MEMORY_MB
                 ),
             ));
+        }
+        let egress = match (self.egress, self.network_policy) {
+            (Some(_), Some(_)) => {
+                return Err(Invalid::new(
+                    "network_policy",
+                    "egress and network_policy are two spellings of one setting; give one",
+                ))
+            }
+            (Some(e), None) => Some(e),
+            (None, p) => p.map(Egress::from),
+        };
+        if let Some(e) = &egress {
+            e.validate("egress")?;
+            if self.network == Some(Network::Offline) {
+                return Err(Invalid::new(
+                    "egress",
+                    "an offline sandbox has no egress to filter",
+                ));
+            }
         }
         if let Some(d) = self.disk_mb {
             if !(limits::MIN_DISK_MB..=limits::MAX_DISK_MB).contains(&d) {
@@ -266,7 +286,8 @@ impl CreateSandbox {
             name: self.name,
             cpus,
             memory_mb,
-            network: self.network.unwrap_or(Network::Offline),
+            network: self.network,
+            egress,
             mounts: self.mounts,
             env: self.env,
             metadata: self.metadata,
@@ -311,6 +332,12 @@ pub struct Sandbox {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_mb: Option<u64>,
     pub network: Network,
+    /// The egress policy in force (networked sandboxes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Egress>,
+    /// The sandbox's address on its private network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
     pub mounts: Vec<Mount>,
     /// Names of the sandbox's environment variables (values are never echoed).
     pub env_keys: Vec<String>,

@@ -36,6 +36,8 @@ pub struct SandboxSpec {
     pub disk_mb: Option<u64>,
     pub pids_limit: u64,
     pub network: Network,
+    /// The link and addresses of a `nat` sandbox.
+    pub net: Option<crate::network::Lease>,
     pub mounts: Vec<ResolvedMount>,
     pub env: BTreeMap<String, String>,
     pub template: Template,

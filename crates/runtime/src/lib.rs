@@ -12,6 +12,7 @@ pub mod backend;
 pub mod container;
 pub mod error;
 pub mod microvm;
+pub mod network;
 pub mod template;
 
 pub use agent::AgentClient;

@@ -52,6 +52,19 @@ pub struct Config {
     pub vm_uid_base: u32,
     /// The rust virtiofsd (host mounts in microVMs).
     pub virtiofsd: PathBuf,
+    /// Network of a create that does not say: `nat` or `offline`.
+    pub default_network: String,
+    /// Private IPv4 subnet the sandboxes' /30 links come from.
+    pub network_subnet: String,
+    /// Name prefix of the sandboxes' host links (1-4 lowercase letters).
+    pub network_prefix: String,
+    /// nftables tables: `inet <nft_table>` and `ip <nft_table>_nat`.
+    pub nft_table: String,
+    /// Where the sandboxes' resolver forwards (`ip` or `ip:port`); default:
+    /// the host's first `nameserver`.
+    pub dns_upstream: Option<String>,
+    /// Names the sandboxes' resolver answers itself, like /etc/hosts.
+    pub dns_hosts: std::collections::BTreeMap<String, std::net::Ipv4Addr>,
 }
 
 impl Default for Config {
@@ -76,6 +89,12 @@ impl Default for Config {
             vm_disk_mb: 2048,
             vm_uid_base: 2_000_000,
             virtiofsd: PathBuf::from("/var/cache/sandforge/virtiofsd/bin/virtiofsd"),
+            default_network: "nat".into(),
+            network_subnet: "10.213.0.0/16".into(),
+            network_prefix: "sf".into(),
+            nft_table: "sandforge".into(),
+            dns_upstream: None,
+            dns_hosts: Default::default(),
         }
     }
 }
@@ -124,6 +143,18 @@ impl Config {
                     p.display()
                 )));
             }
+        }
+        if !["nat", "offline"].contains(&self.default_network.as_str()) {
+            return Err(ServerError::Config(format!(
+                "default_network: '{}' is not one of nat, offline",
+                self.default_network
+            )));
+        }
+        if sandforge_api::Cidr::parse(&self.network_subnet).is_none() {
+            return Err(ServerError::Config(format!(
+                "network_subnet: '{}' is not an IPv4 CIDR",
+                self.network_subnet
+            )));
         }
         if !["auto", "container", "microvm"].contains(&self.default_isolation.as_str()) {
             return Err(ServerError::Config(format!(

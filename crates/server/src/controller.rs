@@ -23,13 +23,17 @@ use crate::db::{now, Db, SandboxRow, StoredSpec};
 use crate::error::ApiError;
 
 pub struct Controller {
-    cfg: Config,
+    pub(crate) cfg: Config,
     /// Isolation used when a create does not name one.
     default_isolation: Isolation,
     /// The microVM accelerator, when that backend is available.
     accel: Option<String>,
-    db: Db,
+    pub(crate) db: Db,
     templates: TemplateStore,
+    /// Sandbox networking, when the host supports it.
+    pub(crate) network: Option<Arc<sandforge_runtime::network::Network>>,
+    /// Held from choosing a network slot until the row holding it is stored.
+    net_alloc: tokio::sync::Mutex<()>,
     backends: HashMap<&'static str, Arc<dyn Backend>>,
     /// Agent clients of running sandboxes.
     live: Mutex<HashMap<String, AgentClient>>,
@@ -51,7 +55,13 @@ impl Controller {
     /// `accel` is the microVM backend's accelerator when it is among
     /// `backends`; with `default_isolation: auto` a VM is the default only
     /// on hardware KVM.
-    pub fn new(cfg: Config, db: Db, backends: Vec<Arc<dyn Backend>>, accel: Option<&str>) -> Self {
+    pub fn new(
+        cfg: Config,
+        db: Db,
+        backends: Vec<Arc<dyn Backend>>,
+        accel: Option<&str>,
+        network: Option<Arc<sandforge_runtime::network::Network>>,
+    ) -> Self {
         let templates = TemplateStore::new(&cfg.template_dir);
         let backends: HashMap<&'static str, Arc<dyn Backend>> = backends
             .into_iter()
@@ -70,6 +80,8 @@ impl Controller {
             db,
             templates,
             backends,
+            network,
+            net_alloc: tokio::sync::Mutex::new(()),
             live: Mutex::new(HashMap::new()),
             ops: Mutex::new(HashMap::new()),
             started: Instant::now(),
@@ -88,7 +100,7 @@ impl Controller {
         self.started.elapsed()
     }
 
-    fn op_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub(crate) fn op_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
         ops.entry(id.to_string()).or_default().clone()
     }
@@ -117,6 +129,7 @@ impl Controller {
             disk_mb: row.spec.disk_mb,
             pids_limit: self.cfg.pids_limit,
             network: row.spec.network,
+            net: self.lease_of(row),
             mounts: row
                 .spec
                 .mounts
@@ -147,6 +160,8 @@ impl Controller {
             memory_mb: row.spec.memory_mb,
             disk_mb: row.spec.disk_mb,
             network: row.spec.network,
+            egress: row.spec.egress.clone(),
+            ip: self.lease_of(row).map(|l| l.guest_ip.to_string()),
             mounts: row.spec.mounts.clone(),
             env_keys: row.spec.env.keys().cloned().collect(),
             metadata: row.spec.metadata.clone(),
@@ -230,6 +245,7 @@ impl Controller {
         let template = self.templates.get(&v.template)?;
         let disk_mb = self.disk_size(isolation, &v, &template)?;
         let resolved = self.resolve_mounts(&v)?;
+        let (network, egress) = self.net_choice(&v)?;
         let live = self
             .db
             .list_sandboxes(Some(org))?
@@ -278,7 +294,9 @@ impl Controller {
                 cpus: v.cpus,
                 memory_mb: v.memory_mb,
                 disk_mb,
-                network: v.network,
+                network,
+                net_slot: None,
+                egress,
                 mounts: v.mounts.clone(),
                 resolved_host_paths: resolved,
                 env: v.env.clone(),
@@ -289,10 +307,26 @@ impl Controller {
         };
         let lock = self.op_lock(&id);
         let _guard = lock.lock().await;
-        self.db.insert_sandbox(&row)?;
+        let mut row = row;
+        {
+            let _slot = self.net_alloc.lock().await;
+            if network == sandforge_api::Network::Nat {
+                row.spec.net_slot = Some(self.free_slot()?);
+            }
+            self.db.insert_sandbox(&row)?;
+        }
         let spec = self.spec_for(&row)?;
         let t0 = Instant::now();
-        match backend.start(&spec).await {
+        let started = match self.net_attach(&row).await {
+            Ok(()) => backend.start(&spec).await,
+            Err(e) => Err(sandforge_runtime::RuntimeError::Setup(e.message)),
+        };
+        if started.is_err() {
+            if let Err(e) = self.net_detach(&row).await {
+                tracing::error!(%id, "network cleanup after a failed start: {}", e.message);
+            }
+        }
+        match started {
             Ok(client) => {
                 self.live
                     .lock()
@@ -402,7 +436,8 @@ impl Controller {
                 "destroy_failed",
                 format!("destroy failed (retry): {e}"),
             )
-        })
+        })?;
+        self.net_detach(row).await
     }
 
     /// The last `max` bytes of a sandbox's console (serial console of a VM,
@@ -578,6 +613,7 @@ fn bare_spec(id: &str, dir: PathBuf, template: sandforge_runtime::Template) -> S
         disk_mb: None,
         pids_limit: 0,
         network: sandforge_api::Network::Offline,
+        net: None,
         mounts: vec![],
         env: Default::default(),
         template,

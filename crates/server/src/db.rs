@@ -51,6 +51,12 @@ pub struct StoredSpec {
     #[serde(default)]
     pub disk_mb: Option<u64>,
     pub network: Network,
+    /// The /30 slot of a networked sandbox (its addresses and link name).
+    #[serde(default)]
+    pub net_slot: Option<u32>,
+    /// The egress policy in force (networked sandboxes).
+    #[serde(default)]
+    pub egress: Option<sandforge_api::Egress>,
     /// As requested (host paths as the caller wrote them).
     pub mounts: Vec<Mount>,
     /// Canonical host paths, parallel to `mounts`.
@@ -145,6 +151,19 @@ impl Db {
                 params![row.id, row.status.as_str(), row.created_at],
             )?;
             tx.commit()
+        })
+    }
+
+    /// Replace a sandbox's stored spec (a `PATCH`).
+    pub fn set_spec(&self, id: &str, spec: &StoredSpec) -> Result<(), ServerError> {
+        let json = serde_json::to_string(spec).map_err(|e| ServerError::Db(e.to_string()))?;
+        let at = now();
+        self.with(|c| {
+            c.execute(
+                "UPDATE sandboxes SET spec = ?2, updated_at = ?3 WHERE id = ?1",
+                params![id, json, at],
+            )
+            .map(|_| ())
         })
     }
 
@@ -253,6 +272,8 @@ mod tests {
                 memory_mb: 512,
                 disk_mb: None,
                 network: Network::Offline,
+                net_slot: None,
+                egress: None,
                 mounts: vec![],
                 resolved_host_paths: vec![],
                 env: Default::default(),

@@ -15,6 +15,7 @@ pub mod controller;
 pub mod db;
 pub mod error;
 pub mod json;
+mod network;
 mod routes;
 
 use std::os::unix::fs::PermissionsExt;
@@ -214,6 +215,55 @@ fn microvm_backend(cfg: &Config, state: &Path, agent: &Path) -> Result<MicrovmBa
     .map_err(|e| e.to_string())
 }
 
+/// Sandbox networking: the host side brought to what the database says is
+/// live (links, nftables, resolvers), or why it is unavailable.
+async fn network(
+    cfg: &Config,
+    db: &db::Db,
+) -> Result<Arc<sandforge_runtime::network::Network>, String> {
+    use sandforge_runtime::network::{dns, NetConfig, Network};
+    let subnet = sandforge_api::Cidr::parse(&cfg.network_subnet)
+        .ok_or_else(|| format!("network_subnet '{}' is not a CIDR", cfg.network_subnet))?;
+    let dns_upstream = match &cfg.dns_upstream {
+        Some(u) => Some(
+            u.parse::<std::net::SocketAddr>()
+                .or_else(|_| u.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+                .map_err(|_| format!("dns_upstream '{u}' is not an address"))?,
+        ),
+        None => dns::upstream_from_resolv_conf(
+            &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        ),
+    };
+    let net_cfg = NetConfig {
+        subnet,
+        prefix: cfg.network_prefix.clone(),
+        table: cfg.nft_table.clone(),
+        dns_upstream,
+        dns_hosts: cfg
+            .dns_hosts
+            .iter()
+            .map(|(k, v)| (k.trim_end_matches('.').to_ascii_lowercase(), *v))
+            .collect(),
+    };
+    let rows = db.list_sandboxes(None).map_err(|e| e.to_string())?;
+    let live = rows
+        .iter()
+        .filter(|r| r.status != sandforge_api::SandboxStatus::Destroyed)
+        .filter_map(|r| {
+            let slot = r.spec.net_slot?;
+            Some((
+                r.id.clone(),
+                net_cfg.lease(&r.id, slot),
+                r.spec.egress.clone().unwrap_or_default(),
+            ))
+        })
+        .collect();
+    Network::start(net_cfg, live)
+        .await
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
+}
+
 /// Build everything, reconcile with what is running, and serve until SIGINT
 /// or SIGTERM. Sandboxes outlive the daemon; the next start re-attaches.
 pub async fn serve(opts: ServeOptions) -> Result<(), ServerError> {
@@ -273,7 +323,14 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServerError> {
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .map_err(|e| ServerError::Startup(format!("listen on {}: {e}", cfg.listen)))?;
-    let controller = Arc::new(Controller::new(cfg.clone(), db, backends, accel));
+    let net = match network(&cfg, &db).await {
+        Ok(n) => Some(n),
+        Err(reason) => {
+            tracing::warn!("sandbox networking unavailable (creates get network 'offline' unless they ask for 'nat'): {reason}");
+            None
+        }
+    };
+    let controller = Arc::new(Controller::new(cfg.clone(), db, backends, accel, net));
     controller
         .reconcile()
         .await

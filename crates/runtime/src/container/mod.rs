@@ -139,6 +139,12 @@ impl ContainerBackend {
         chown_shift(&p.run, shift)?;
         rootfs::mount_overlay(&spec.template.rootfs, &p.upper, &p.work, &p.rootfs)?;
         write_identity_files(&p.rootfs, &spec.hostname, shift)?;
+        if let Some(lease) = &spec.net {
+            let path = p.rootfs.join("etc/resolv.conf");
+            let _ = std::fs::remove_file(&path);
+            std::fs::write(&path, lease.resolv_conf()).map_err(io("write", &path))?;
+            chown_shift(&path, shift)?;
+        }
 
         let sources = idmap::stage(&spec.dir, &spec.mounts, shift, spec::ID_RANGE)?;
         let oci = spec::build(
@@ -159,12 +165,21 @@ impl ContainerBackend {
         self.runc
             .run_detached(&spec.id, &p.bundle, &p.pid, &p.log)
             .await?;
+        let pid: Option<u32> = std::fs::read_to_string(&p.pid)
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
         // The OOM killer must pick the sandbox's commands, never its agent.
-        if let Ok(pid) = std::fs::read_to_string(&p.pid) {
-            let adj = format!("/proc/{}/oom_score_adj", pid.trim());
+        if let Some(pid) = pid {
+            let adj = format!("/proc/{pid}/oom_score_adj");
             if let Err(e) = std::fs::write(&adj, "-1000") {
                 tracing::warn!(id = %spec.id, "setting {adj}: {e}");
             }
+        }
+        // Its link: the far end of a veth becomes eth0 in the container's
+        // network namespace (runc made it; only lo is up in it so far).
+        if let Some(lease) = &spec.net {
+            let pid = pid.ok_or_else(|| RuntimeError::Setup("no container pid".into()))?;
+            crate::network::links::veth_into(lease, pid).await?;
         }
         let client = AgentClient::new(&p.socket);
         client.wait_ready(self.agent_timeout).await.map_err(|e| {
@@ -259,6 +274,9 @@ impl Backend for ContainerBackend {
             return Err(RuntimeError::Setup(format!(
                 "cgroups still present: {left:?}"
             )));
+        }
+        if let Some(lease) = &spec.net {
+            crate::network::links::delete(&lease.iface).await;
         }
         rootfs::unmount_all(&p.rootfs)?;
         idmap::unstage(&spec.dir)?;

@@ -154,6 +154,7 @@ impl MicrovmBackend {
             hostname: spec.hostname.clone(),
             tsc_khz: self.tsc_khz,
             shares,
+            net: spec.net.clone(),
         });
         let cmdline_len = args
             .iter()
@@ -174,6 +175,16 @@ impl MicrovmBackend {
         if let Some(id) = owner {
             // Not root: its own uid (std also drops supplementary groups).
             cmd.uid(id.uid).gid(id.gid);
+        }
+        if let Some(lease) = &spec.net {
+            use command_fds::{CommandFdExt, FdMapping};
+            let tap = crate::network::tap::open(&lease.iface)
+                .map_err(|e| RuntimeError::Setup(format!("opening tap {}: {e}", lease.iface)))?;
+            cmd.fd_mappings(vec![FdMapping {
+                parent_fd: tap,
+                child_fd: qemu::TAP_FD,
+            }])
+            .map_err(|e| RuntimeError::Setup(format!("passing the tap to QEMU: {e}")))?;
         }
         let child = cmd
             .args(&args)
@@ -209,6 +220,9 @@ impl MicrovmBackend {
             identity::give(&disk, id)?;
         }
         let shares = virtiofs::start(&self.cfg.virtiofsd, &spec.dir, &spec.mounts, owner).await?;
+        if let Some(lease) = &spec.net {
+            crate::network::links::tap(lease, owner.map(|o| o.uid)).await?;
+        }
         let mut child = self.spawn_qemu(spec, &disk, shares, owner)?;
         let client = AgentClient::serial(qemu::agent_socket(&spec.dir));
         let deadline = Instant::now() + self.cfg.boot_timeout;
@@ -307,6 +321,9 @@ impl Backend for MicrovmBackend {
             if live_qemu(&spec.dir).is_some() {
                 return Err(RuntimeError::Setup(format!("QEMU {pid} survived SIGKILL")));
             }
+        }
+        if let Some(lease) = &spec.net {
+            crate::network::links::delete(&lease.iface).await;
         }
         // virtiofsd exits when its QEMU hangs up; make sure of it.
         for _ in 0..100 {

@@ -27,12 +27,18 @@ pub struct VmArgs {
     pub tsc_khz: Option<u64>,
     /// Host directories served by virtiofsd.
     pub shares: Vec<Share>,
+    /// A virtio-net NIC with the guest's lease (`nat`); QEMU gets the
+    /// tap as an open file descriptor, number [`TAP_FD`].
+    pub net: Option<crate::network::Lease>,
 }
 
 /// x86 `COMMAND_LINE_SIZE` is 2048 bytes, with the terminating NUL.
 pub const MAX_CMDLINE: usize = 2047;
 
 pub const PORT_NAME: &str = "sandforge.agent";
+
+/// The descriptor number a VM's tap is passed to QEMU as.
+pub const TAP_FD: i32 = 3;
 
 pub fn agent_socket(dir: &Path) -> PathBuf {
     dir.join("agent.sock")
@@ -67,6 +73,14 @@ pub fn kernel_cmdline(a: &VmArgs) -> String {
         c.push(format!(
             "sandforge.mounts={}",
             virtiofs::cmdline_value(&a.shares)
+        ));
+    }
+    if let Some(l) = &a.net {
+        c.push(format!(
+            "sandforge.net={}/{},{}",
+            l.guest_ip,
+            crate::network::Lease::PREFIX_LEN,
+            l.host_ip
         ));
     }
     c.join(" ")
@@ -129,6 +143,19 @@ pub fn args(a: &VmArgs) -> Vec<String> {
             format!("vhost-user-fs-device,chardev={0},tag={0}", s.tag),
         ]);
     }
+    if let Some(l) = &a.net {
+        // A locally administered MAC derived from the slot.
+        let s = l.slot.to_be_bytes();
+        v.extend([
+            "-netdev".into(),
+            format!("tap,id=net0,fd={TAP_FD}"),
+            "-device".into(),
+            format!(
+                "virtio-net-device,netdev=net0,mac=52:54:{:02x}:{:02x}:{:02x}:{:02x}",
+                s[0], s[1], s[2], s[3]
+            ),
+        ]);
+    }
     v.extend([
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", d(qmp_socket(&a.dir))),
@@ -171,6 +198,7 @@ mod tests {
             hostname: "box".into(),
             tsc_khz: Some(2_000_000),
             shares: vec![],
+            net: None,
         };
         let v = args(&a);
         let joined = v.join(" ");

@@ -21,7 +21,9 @@ fn api() -> Router<AppState> {
         .route("/sandboxes", post(sandboxes::create).get(sandboxes::list))
         .route(
             "/sandboxes/{id}",
-            get(sandboxes::get_one).delete(sandboxes::destroy),
+            get(sandboxes::get_one)
+                .patch(sandboxes::patch)
+                .delete(sandboxes::destroy),
         )
         .route("/sandboxes/{id}/console", get(sandboxes::console))
         .route("/sandboxes/{id}/execute", post(exec::execute))

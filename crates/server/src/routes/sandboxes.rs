@@ -1,11 +1,11 @@
-//! `/sandboxes`: create, list, get, destroy.
+//! `/sandboxes`: create, list, get, patch, destroy.
 
 use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
 use axum::Json;
 use http::StatusCode;
-use sandforge_api::{CreateSandbox, DeleteResponse, Sandbox, SandboxStatus};
+use sandforge_api::{CreateSandbox, DeleteResponse, PatchSandbox, Sandbox, SandboxStatus};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -48,6 +48,16 @@ pub async fn get_one(
 ) -> Result<Json<Sandbox>, ApiError> {
     let row = st.controller.get(&caller.org, &id)?;
     Ok(Json(st.controller.to_api(&row)))
+}
+
+/// `PATCH /sandboxes/{id}`: change mutable properties (the egress policy).
+pub async fn patch(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<PatchSandbox>,
+) -> Result<Json<Sandbox>, ApiError> {
+    Ok(Json(st.controller.patch(&caller.org, &id, req).await?))
 }
 
 pub async fn destroy(

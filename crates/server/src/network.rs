@@ -1,0 +1,137 @@
+//! The controller's side of sandbox networking: which mode and egress
+//! policy a create gets, the /30 slot a networked sandbox holds (recorded
+//! in its stored spec, so a restart finds the same addresses), attaching
+//! and detaching it around the backend's start and destroy, and `PATCH`ing
+//! the policy of a running sandbox. The host side (links, nftables, DNS)
+//! is `sandforge_runtime::network`; this module must not touch it directly.
+
+use http::StatusCode;
+use sandforge_api::sandbox::ValidCreate;
+use sandforge_api::{Egress, Network, PatchSandbox, Sandbox, SandboxStatus};
+use sandforge_runtime::network::Lease;
+
+use crate::controller::Controller;
+use crate::db::SandboxRow;
+use crate::error::ApiError;
+
+impl Controller {
+    /// The network mode and policy of a new sandbox.
+    pub(crate) fn net_choice(
+        &self,
+        v: &ValidCreate,
+    ) -> Result<(Network, Option<Egress>), ApiError> {
+        let mode = v.network.unwrap_or(self.default_network());
+        match mode {
+            Network::Offline => Ok((mode, None)),
+            Network::Nat if self.network.is_none() => Err(ApiError::bad_request(
+                "network",
+                "'nat' is not available on this host (see the supervisor's log)",
+            )),
+            Network::Nat => Ok((mode, Some(v.egress.clone().unwrap_or_default()))),
+        }
+    }
+
+    fn default_network(&self) -> Network {
+        if self.cfg.default_network == "nat" && self.network.is_some() {
+            Network::Nat
+        } else {
+            Network::Offline
+        }
+    }
+
+    /// The lowest /30 slot no live sandbox holds. Call with `net_alloc`
+    /// held until the new row is in the database.
+    pub(crate) fn free_slot(&self) -> Result<u32, ApiError> {
+        let Some(net) = &self.network else {
+            return Err(ApiError::internal("no network"));
+        };
+        let mut used: Vec<u32> = self
+            .db
+            .list_sandboxes(None)?
+            .iter()
+            .filter(|r| r.status != SandboxStatus::Destroyed)
+            .filter_map(|r| r.spec.net_slot)
+            .collect();
+        used.sort_unstable();
+        (0..net.config().slots())
+            .find(|s| used.binary_search(s).is_err())
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "network_full",
+                    "every address of the sandbox subnet is in use",
+                )
+            })
+    }
+
+    pub(crate) fn lease_of(&self, row: &SandboxRow) -> Option<Lease> {
+        let net = self.network.as_ref()?;
+        row.spec.net_slot.map(|s| net.config().lease(&row.id, s))
+    }
+
+    /// Rules and resolver before the backend builds the link.
+    pub(crate) async fn net_attach(&self, row: &SandboxRow) -> Result<(), ApiError> {
+        if let (Some(net), Some(lease)) = (&self.network, self.lease_of(row)) {
+            let egress = row.spec.egress.clone().unwrap_or_default();
+            net.attach(&row.id, &lease, &egress)
+                .await
+                .map_err(|e| net_error(format!("attaching the network: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Everything of the sandbox's network, after its backend is gone.
+    pub(crate) async fn net_detach(&self, row: &SandboxRow) -> Result<(), ApiError> {
+        if let (Some(net), Some(lease)) = (&self.network, self.lease_of(row)) {
+            net.detach(&row.id, &lease)
+                .await
+                .map_err(|e| net_error(format!("detaching the network (retry): {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// `PATCH /v1/sandboxes/{id}`: a new egress policy, in force at once.
+    pub async fn patch(&self, org: &str, id: &str, req: PatchSandbox) -> Result<Sandbox, ApiError> {
+        let egress = match (req.egress, req.network_policy) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::bad_request(
+                    "network_policy",
+                    "egress and network_policy are two spellings of one setting; give one",
+                ))
+            }
+            (Some(e), None) => Some(e),
+            (None, p) => p.map(Egress::from),
+        };
+        let row = self.get(org, id)?;
+        let Some(egress) = egress else {
+            return Ok(self.to_api(&row));
+        };
+        egress.validate("egress").map_err(ApiError::from)?;
+        if row.spec.network != Network::Nat {
+            return Err(ApiError::conflict(
+                "no_network",
+                format!("sandbox '{id}' is offline: it has no egress to filter"),
+            )
+            .field("egress"));
+        }
+        if row.status == SandboxStatus::Destroyed {
+            return Err(crate::controller::not_running(&row));
+        }
+        let lock = self.op_lock(id);
+        let _guard = lock.lock().await;
+        if let Some(net) = &self.network {
+            net.update(id, &egress)
+                .await
+                .map_err(|e| net_error(format!("updating the egress policy: {e}")))?;
+        }
+        let mut spec = row.spec.clone();
+        spec.egress = Some(egress);
+        self.db.set_spec(id, &spec)?;
+        let row = self.get(org, id)?;
+        Ok(self.to_api(&row))
+    }
+}
+
+fn net_error(message: String) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "network_failed", message)
+}
