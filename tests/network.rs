@@ -113,33 +113,31 @@ impl Drop for Internet {
     }
 }
 
+/// Run a python3 program in the sandbox (20 s limit): whether it exited 0,
+/// and its output.
+async fn python(d: &Daemon, id: &str, program: &str) -> (bool, String) {
+    let cmd = format!("python3 -c \"{program}\" 2>&1");
+    let (_, v) = d
+        .execute(id, json!({"command": cmd, "timeout_seconds": 20}))
+        .await;
+    let out = v["stdout"].as_str().unwrap_or_default().to_string();
+    (v["exit_code"] == 0, out)
+}
+
 /// Fetch `url` from inside the sandbox (3 s timeout): the body, or None.
 async fn fetch(d: &Daemon, id: &str, url: &str) -> Option<String> {
     let py = format!(
         "import urllib.request\nprint(urllib.request.urlopen('{url}', timeout=3).read().decode(), end='')"
     );
-    let v = d
-        .execute(
-            id,
-            json!({"command": format!("python3 -c \"{py}\" 2>&1"), "timeout_seconds": 20}),
-        )
-        .await
-        .1;
-    (v["exit_code"] == 0).then(|| v["stdout"].as_str().unwrap_or_default().to_string())
+    let (ok, out) = python(d, id, &py).await;
+    ok.then_some(out)
 }
 
 /// Whether a TCP connection from the sandbox to `host:port` succeeds.
 async fn connects(d: &Daemon, id: &str, host: &str, port: u16) -> bool {
     let py =
         format!("import socket\nsocket.create_connection(('{host}', {port}), timeout=2).close()");
-    let v = d
-        .execute(
-            id,
-            json!({"command": format!("python3 -c \"{py}\" 2>&1"), "timeout_seconds": 20}),
-        )
-        .await
-        .1;
-    v["exit_code"] == 0
+    python(d, id, &py).await.0
 }
 
 async fn create_net(d: &Daemon, egress: Value) -> Value {
@@ -381,4 +379,27 @@ async fn nothing_accumulates_over_create_destroy_cycles_or_a_crash() {
     d.destroy(&id).await;
     assert_eq!(links_with(&prefix), links_before);
     assert_eq!(ruleset(&table), rules_before);
+}
+
+#[tokio::test]
+async fn a_subnet_that_overlaps_a_host_route_is_refused() {
+    // The test internet's /24 is a host route now: a daemon told to use it
+    // for sandboxes must not, and says so on a `nat` create.
+    let net = Internet::new();
+    let extra = format!("network_subnet: {}.0/24", net.net);
+    let d = Daemon::start_with_config(&[], &extra).await;
+    let (s, v) = d
+        .call(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"network": "nat"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["field"], "network");
+    assert!(d.log().contains("overlaps the host route"), "{}", d.log());
+    // Offline sandboxes are unaffected, and are the default then.
+    let sb = d.create(json!({})).await;
+    assert_eq!(sb["network"], "offline");
+    d.destroy(sb["id"].as_str().unwrap()).await;
 }

@@ -137,15 +137,16 @@ impl Daemon {
         // Its own network names and subnet, so that test daemons running
         // side by side never touch each other's links and rules.
         let (net_prefix, nft_table) = net_names(port);
-        writeln!(f, "network_prefix: {net_prefix}").unwrap();
-        writeln!(f, "nft_table: {nft_table}").unwrap();
-        writeln!(
-            f,
-            "network_subnet: 10.{}.{}.0/24",
-            200 + (port / 256) % 50,
-            port % 256
-        )
-        .unwrap();
+        let subnet = format!("10.{}.{}.0/24", 200 + (port / 256) % 50, port % 256);
+        for (key, value) in [
+            ("network_prefix", net_prefix),
+            ("nft_table", nft_table),
+            ("network_subnet", subnet),
+        ] {
+            if !extra.contains(&format!("{key}:")) {
+                writeln!(f, "{key}: {value}").unwrap();
+            }
+        }
         writeln!(f, "{extra}").unwrap();
         drop(f);
         let mut d = Daemon {

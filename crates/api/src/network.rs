@@ -81,6 +81,28 @@ impl From<NetworkPolicy> for Egress {
     }
 }
 
+/// The policy a body asks for through either spelling (`egress`, seed
+/// 001; `network_policy`, seed 003), validated; both at once is an error.
+pub fn chosen_egress(
+    egress: Option<Egress>,
+    network_policy: Option<NetworkPolicy>,
+) -> Result<Option<Egress>, Invalid> {
+    let e = match (egress, network_policy) {
+        (Some(_), Some(_)) => {
+            return Err(Invalid::new(
+                "network_policy",
+                "egress and network_policy are two spellings of one setting; give one",
+            ))
+        }
+        (Some(e), None) => Some(e),
+        (None, p) => p.map(Egress::from),
+    };
+    if let Some(e) = &e {
+        e.validate("egress")?;
+    }
+    Ok(e)
+}
+
 /// An IPv4 network `a.b.c.d/len` (a bare address is a /32), normalized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {

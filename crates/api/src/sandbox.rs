@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::network::{Egress, Network, NetworkPolicy};
+use crate::network::{chosen_egress, Egress, Network, NetworkPolicy};
 use crate::{limits, validate_env, Invalid};
 
 /// Isolation backend of a sandbox.
@@ -190,24 +190,12 @@ impl CreateSandbox {
                 ),
             ));
         }
-        let egress = match (self.egress, self.network_policy) {
-            (Some(_), Some(_)) => {
-                return Err(Invalid::new(
-                    "network_policy",
-                    "egress and network_policy are two spellings of one setting; give one",
-                ))
-            }
-            (Some(e), None) => Some(e),
-            (None, p) => p.map(Egress::from),
-        };
-        if let Some(e) = &egress {
-            e.validate("egress")?;
-            if self.network == Some(Network::Offline) {
-                return Err(Invalid::new(
-                    "egress",
-                    "an offline sandbox has no egress to filter",
-                ));
-            }
+        let egress = chosen_egress(self.egress, self.network_policy)?;
+        if egress.is_some() && self.network == Some(Network::Offline) {
+            return Err(Invalid::new(
+                "egress",
+                "an offline sandbox has no egress to filter",
+            ));
         }
         if let Some(d) = self.disk_mb {
             if !(limits::MIN_DISK_MB..=limits::MAX_DISK_MB).contains(&d) {

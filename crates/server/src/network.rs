@@ -6,6 +6,7 @@
 //! is `sandforge_runtime::network`; this module must not touch it directly.
 
 use http::StatusCode;
+use sandforge_api::network::chosen_egress;
 use sandforge_api::sandbox::ValidCreate;
 use sandforge_api::{Egress, Network, PatchSandbox, Sandbox, SandboxStatus};
 use sandforge_runtime::network::Lease;
@@ -92,21 +93,11 @@ impl Controller {
 
     /// `PATCH /v1/sandboxes/{id}`: a new egress policy, in force at once.
     pub async fn patch(&self, org: &str, id: &str, req: PatchSandbox) -> Result<Sandbox, ApiError> {
-        let egress = match (req.egress, req.network_policy) {
-            (Some(_), Some(_)) => {
-                return Err(ApiError::bad_request(
-                    "network_policy",
-                    "egress and network_policy are two spellings of one setting; give one",
-                ))
-            }
-            (Some(e), None) => Some(e),
-            (None, p) => p.map(Egress::from),
-        };
+        let egress = chosen_egress(req.egress, req.network_policy)?;
         let row = self.get(org, id)?;
         let Some(egress) = egress else {
             return Ok(self.to_api(&row));
         };
-        egress.validate("egress").map_err(ApiError::from)?;
         if row.spec.network != Network::Nat {
             return Err(ApiError::conflict(
                 "no_network",

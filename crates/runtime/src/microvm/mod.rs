@@ -60,10 +60,6 @@ pub fn base_image(t: &Template) -> PathBuf {
     t.rootfs.with_file_name("rootfs.ext4")
 }
 
-fn io<'a>(op: &'static str, p: &'a Path) -> impl FnOnce(std::io::Error) -> RuntimeError + 'a {
-    move |e| RuntimeError::io(op, p, e)
-}
-
 /// The pid of the sandbox's QEMU if it is alive and really ours.
 fn live_qemu(dir: &Path) -> Option<u32> {
     let pid: u32 = std::fs::read_to_string(qemu::pid_file(dir))
@@ -167,9 +163,6 @@ impl MicrovmBackend {
                 qemu::MAX_CMDLINE
             )));
         }
-        let log_path = spec.dir.join("qemu.log");
-        let log = std::fs::File::create(&log_path).map_err(io("create", &log_path))?;
-        let log2 = log.try_clone().map_err(io("dup", &log_path))?;
         use std::os::unix::process::CommandExt;
         let mut cmd = std::process::Command::new(&self.cfg.qemu_binary);
         if let Some(id) = owner {
@@ -186,19 +179,8 @@ impl MicrovmBackend {
             }])
             .map_err(|e| RuntimeError::Setup(format!("passing the tap to QEMU: {e}")))?;
         }
-        let child = cmd
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            // Its own process group: a signal to the daemon's group (or the
-            // daemon's death) does not take the VM down.
-            .process_group(0)
-            .spawn()
-            .map_err(|e| RuntimeError::Command {
-                tool: "qemu".into(),
-                message: e.to_string(),
-            })?;
+        cmd.args(&args);
+        let child = procs::spawn_detached(&mut cmd, &spec.dir.join("qemu.log"), "qemu")?;
         Ok(child)
     }
 

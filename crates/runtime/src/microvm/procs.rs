@@ -1,9 +1,32 @@
-//! Finding a sandbox's host processes (QEMU, virtiofsd) after the fact, by
-//! their command lines: every one of them names a socket inside the
-//! sandbox's own directory, which no other sandbox's processes do. Owns
-//! nothing and changes nothing; it only reads `/proc`.
+//! A sandbox's host processes (QEMU, virtiofsd): starting them detached
+//! from the daemon, and finding them again after the fact by their command
+//! lines (every one of them names a socket inside the sandbox's own
+//! directory, which no other sandbox's processes do).
 
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use crate::error::{Result, RuntimeError};
+
+/// Spawn `cmd` with no stdin, stdout and stderr into a new `log` file, in
+/// its own process group, so that neither a signal to the daemon's group
+/// nor the daemon's death takes it down.
+pub fn spawn_detached(cmd: &mut Command, log: &Path, tool: &str) -> Result<Child> {
+    use std::os::unix::process::CommandExt;
+    let out = std::fs::File::create(log).map_err(|e| RuntimeError::io("create", log, e))?;
+    let err = out
+        .try_clone()
+        .map_err(|e| RuntimeError::io("dup", log, e))?;
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| RuntimeError::Command {
+            tool: tool.into(),
+            message: e.to_string(),
+        })
+}
 
 /// Pids of the processes whose command line contains `needle` as one
 /// argument or part of one.

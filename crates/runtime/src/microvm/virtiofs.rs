@@ -15,7 +15,6 @@
 //! `vfs-<n>.log` files. It must not open or change the shared files itself.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
@@ -93,11 +92,6 @@ pub async fn start(
     }
     for (share, m) in shares.iter().zip(mounts) {
         let log_path = dir.join(format!("vfs-{}.log", &share.tag[2..]));
-        let log = std::fs::File::create(&log_path)
-            .map_err(|e| RuntimeError::io("create", &log_path, e))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| RuntimeError::io("dup", &log_path, e))?;
         let mut cmd = std::process::Command::new(binary);
         cmd.arg("--shared-dir")
             .arg(&m.host_path)
@@ -115,17 +109,7 @@ pub async fn start(
         if share.read_only {
             cmd.arg("--readonly");
         }
-        use std::os::unix::process::CommandExt;
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .process_group(0)
-            .spawn()
-            .map_err(|e| RuntimeError::Command {
-                tool: "virtiofsd".into(),
-                message: e.to_string(),
-            })?;
+        let mut child = procs::spawn_detached(&mut cmd, &log_path, "virtiofsd")?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while !share.socket.exists() {
             if let Ok(Some(status)) = child.try_wait() {

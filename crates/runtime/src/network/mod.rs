@@ -219,18 +219,24 @@ impl Network {
     }
 }
 
+/// The defaults, for unit tests of this module's pure parts.
+#[cfg(test)]
+pub(crate) fn test_config() -> NetConfig {
+    NetConfig {
+        subnet: Cidr::parse("10.213.0.0/16").unwrap(),
+        prefix: "sf".into(),
+        table: "sandforge".into(),
+        dns_upstream: None,
+        dns_hosts: BTreeMap::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn cfg() -> NetConfig {
-        NetConfig {
-            subnet: Cidr::parse("10.213.0.0/16").unwrap(),
-            prefix: "sf".into(),
-            table: "sandforge".into(),
-            dns_upstream: None,
-            dns_hosts: BTreeMap::new(),
-        }
+        test_config()
     }
 
     #[test]

@@ -242,16 +242,9 @@ pub async fn apply(script: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
 
     fn cfg() -> NetConfig {
-        NetConfig {
-            subnet: Cidr::parse("10.213.0.0/16").unwrap(),
-            prefix: "sf".into(),
-            table: "sandforge".into(),
-            dns_upstream: None,
-            dns_hosts: BTreeMap::new(),
-        }
+        super::super::test_config()
     }
 
     #[test]
