@@ -2,7 +2,7 @@
 //! directly on the host. One process, one real daemon (release build), each
 //! row measured `BENCH_N` times (default 20) after one discarded warm-up:
 //!
-//! 1. create → first exec: `POST /v1/sandboxes` then `POST .../execute true`
+//! 1. create → first exec (offline, and with a NAT'd network): `POST /v1/sandboxes` then `POST .../execute true`
 //!    until it answers; baseline: a bare `runc run /bin/true` with the same
 //!    isolation (user namespace 0→100000/65536; pid, mount, ipc, uts, cgroup
 //!    and net namespaces; memory/cpu/pids limits; capabilities, masked paths
@@ -42,8 +42,8 @@ async fn exec_true(d: &Daemon, id: &str) {
 }
 
 /// Create a sandbox and run `true` through `/execute` until it answers.
-async fn create_and_first_exec(d: &Daemon) -> String {
-    let v = d.create(json!({})).await;
+async fn create_and_first_exec(d: &Daemon, network: &str) -> String {
+    let v = d.create(json!({ "network": network })).await;
     let id = v["id"].as_str().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -175,17 +175,24 @@ async fn main() {
     assert!(n >= 1, "BENCH_N must be at least 1");
     let d = Daemon::start().await;
 
-    // 1. create → first exec, destroy; baseline: bare runc.
-    let (mut create, mut destroy) = (vec![], vec![]);
-    for i in 0..=n {
-        let t = Instant::now();
-        let id = create_and_first_exec(&d).await;
-        let c = t.elapsed();
-        let t = Instant::now();
-        d.destroy(&id).await;
-        if i > 0 {
-            create.push(c);
-            destroy.push(t.elapsed());
+    // 1. create → first exec, destroy (offline, then with a NAT'd
+    // network); baseline: bare runc.
+    let (mut create, mut destroy, mut create_nat, mut destroy_nat) =
+        (vec![], vec![], vec![], vec![]);
+    for (network, c_out, d_out) in [
+        ("offline", &mut create, &mut destroy),
+        ("nat", &mut create_nat, &mut destroy_nat),
+    ] {
+        for i in 0..=n {
+            let t = Instant::now();
+            let id = create_and_first_exec(&d, network).await;
+            let c = t.elapsed();
+            let t = Instant::now();
+            d.destroy(&id).await;
+            if i > 0 {
+                c_out.push(c);
+                d_out.push(t.elapsed());
+            }
         }
     }
     let bundle = scratch_dir("sf-bench-bundle-");
@@ -201,7 +208,7 @@ async fn main() {
     runc_cleanup(runc_root.path(), &cgroup);
 
     // 2. exec round trip on a warm sandbox; baseline: host fork/exec.
-    let id = create_and_first_exec(&d).await;
+    let id = create_and_first_exec(&d, "offline").await;
     let exec = sample!(n, exec_true(&d, &id).await);
     let mut true_cmd = Command::new("/bin/true");
     let fork = sample!(n, assert!(true_cmd.status().unwrap().success()));
@@ -230,14 +237,20 @@ async fn main() {
 
     // (label, samples, index of its baseline row)
     let rows = [
-        ("create → first exec `true`", create, Some(1)),
+        ("create → first exec `true`, offline", create, Some(1)),
         ("↳ baseline: bare `runc run /bin/true`", raw, None),
         ("destroy (DELETE, not in the row above)", destroy, None),
-        ("exec `true` round trip", exec, Some(4)),
+        (
+            "create → first exec `true`, network nat",
+            create_nat,
+            Some(1),
+        ),
+        ("destroy, network nat", destroy_nat, None),
+        ("exec `true` round trip", exec, Some(6)),
         ("↳ baseline: host fork/exec/wait `/bin/true`", fork, None),
-        ("file PUT + GET 1 MiB", files, Some(6)),
+        ("file PUT + GET 1 MiB", files, Some(8)),
         ("↳ baseline: host fsync'd write + read", host_files, None),
-        ("20 concurrent exec `true` (batch)", conc, Some(8)),
+        ("20 concurrent exec `true` (batch)", conc, Some(10)),
         ("↳ vs 20 sequential exec `true`", seq, None),
     ];
     print_table(&format!("N = {n} measured runs per row"), &rows);
