@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
-use sandforge_tests::{net_names, scratch_dir, sigkill, Daemon};
+use sandforge_tests::{net_names, scratch_dir, sigkill, test_subnet, Daemon};
 use serde_json::{json, Value};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -24,8 +24,11 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 struct Internet {
     ns: String,
     net: String,
+    host_if: String,
     servers: Vec<Child>,
     _www: tempfile::TempDir,
+    /// Policy routing rules to remove (`ip rule del ...` arguments).
+    rules: Vec<String>,
 }
 
 fn sh(cmd: &str) {
@@ -70,8 +73,10 @@ impl Internet {
         let i = Internet {
             ns,
             net,
+            host_if,
             servers,
             _www: www,
+            rules: vec![],
         };
         // Reachable from the host before any sandbox tries.
         for port in [8080, 9090] {
@@ -103,8 +108,53 @@ impl Internet {
     }
 }
 
+impl Internet {
+    /// Make this namespace also the cloud metadata service
+    /// (169.254.169.254:80) for packets from `subnet` only (a policy
+    /// route, so the host's own traffic is untouched): if a sandbox ever
+    /// got a packet past the supervisor's rules, it would land here, not
+    /// leave the machine.
+    fn serve_metadata_to(&mut self, subnet: &str) {
+        let table = 2000 + NEXT.fetch_add(1, Ordering::SeqCst);
+        sh(&format!(
+            "ip -n {ns} addr add 169.254.169.254/32 dev eth0 && \
+             ip route add 169.254.169.254/32 dev {hif} table {table} && \
+             ip rule add from {subnet} to 169.254.169.254 table {table}",
+            ns = self.ns,
+            hif = self.host_if
+        ));
+        self.rules
+            .push(format!("from {subnet} to 169.254.169.254 table {table}"));
+        let server = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "python3",
+                "-m",
+                "http.server",
+                "80",
+            ])
+            .args(["--bind", "169.254.169.254"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.servers.push(server);
+    }
+}
+
 impl Drop for Internet {
     fn drop(&mut self) {
+        for r in &self.rules {
+            let _ = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "ip rule del {r}; ip route flush table {}",
+                    r.rsplit(' ').next().unwrap_or("0")
+                ))
+                .status();
+        }
         for s in &mut self.servers {
             let _ = s.kill();
             let _ = s.wait();
@@ -146,8 +196,9 @@ async fn create_net(d: &Daemon, egress: Value) -> Value {
 
 #[tokio::test]
 async fn egress_policies_hold_on_a_test_internet() {
-    let net = Internet::new();
+    let mut net = Internet::new();
     let d = Daemon::start().await;
+    net.serve_metadata_to(&test_subnet(d.port));
     let url = format!("http://{}:8080/hello.txt", net.ip());
     let url_9090 = format!("http://{}:9090/hello.txt", net.ip());
 
@@ -255,6 +306,21 @@ async fn egress_policies_hold_on_a_test_internet() {
         let ip: std::net::Ipv4Addr = open["ip"].as_str().unwrap().parse().unwrap();
         std::net::Ipv4Addr::from(u32::from(ip) - 1).to_string()
     };
+    // Were the metadata address let through, it would reach the test's own
+    // namespace, never the real network.
+    let iface = {
+        let (prefix, _) = net_names(d.port);
+        let id = open_id.replace('_', "");
+        format!("{prefix}{}", &id[id.len() - 11..])
+    };
+    let route = Command::new("ip")
+        .args(["route", "get", "169.254.169.254", "from"])
+        .arg(open["ip"].as_str().unwrap())
+        .args(["iif", &iface])
+        .output()
+        .unwrap();
+    let route = String::from_utf8_lossy(&route.stdout);
+    assert!(route.contains(&net.host_if), "{route}");
     for (host, port) in [
         (gw.as_str(), d.port),
         (gw.as_str(), svc_port),

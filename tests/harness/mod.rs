@@ -69,6 +69,11 @@ pub fn net_names(port: u16) -> (String, String) {
     (format!("z{letters}"), format!("sft{port}"))
 }
 
+/// The sandbox subnet of the test daemon on `port`.
+pub fn test_subnet(port: u16) -> String {
+    format!("10.{}.{}.0/24", 200 + (port / 256) % 50, port % 256)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -137,7 +142,7 @@ impl Daemon {
         // Its own network names and subnet, so that test daemons running
         // side by side never touch each other's links and rules.
         let (net_prefix, nft_table) = net_names(port);
-        let subnet = format!("10.{}.{}.0/24", 200 + (port / 256) % 50, port % 256);
+        let subnet = test_subnet(port);
         for (key, value) in [
             ("network_prefix", net_prefix),
             ("nft_table", nft_table),
