@@ -1,17 +1,21 @@
-//! Binary framing of a streamed exec response body.
+//! Binary framing of streamed bodies: exec and terminal output (agent →
+//! host) and terminal input (host → agent).
 //!
-//! A frame is `kind: u8 | len: u32 big-endian | payload[len]`. Kinds: 1 stdout
-//! bytes, 2 stderr bytes, 3 exit (payload: JSON [`ExitStatus`]). The exit
-//! frame is always last. Raw bytes, not JSON strings, so that binary output
-//! survives untouched.
+//! A frame is `kind: u8 | len: u32 big-endian | payload[len]`. Kinds: 1
+//! stdout bytes (a terminal's output), 2 stderr bytes, 3 exit (payload: JSON
+//! [`ExitStatus`], always last), 4 resize (JSON [`Resize`]), 5 input bytes
+//! (keystrokes). Raw bytes, not JSON strings, so that binary data survives
+//! untouched.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::ExitStatus;
+use crate::{ExitStatus, Resize};
 
 const KIND_STDOUT: u8 = 1;
 const KIND_STDERR: u8 = 2;
 const KIND_EXIT: u8 = 3;
+const KIND_RESIZE: u8 = 4;
+const KIND_INPUT: u8 = 5;
 const HEADER: usize = 5;
 /// Largest payload a decoder accepts (output is sent in chunks well below it).
 pub const MAX_FRAME: usize = 4 * 1024 * 1024;
@@ -21,6 +25,8 @@ pub enum Frame {
     Stdout(Bytes),
     Stderr(Bytes),
     Exit(ExitStatus),
+    Resize(Resize),
+    Input(Bytes),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -31,6 +37,8 @@ pub enum FrameError {
     TooLarge(usize),
     #[error("bad exit frame: {0}")]
     BadExit(String),
+    #[error("bad resize frame: {0}")]
+    BadResize(String),
     #[error("stream ended inside a frame")]
     Truncated,
 }
@@ -45,6 +53,11 @@ impl Frame {
                 KIND_EXIT,
                 Bytes::from(serde_json::to_vec(st).expect("ExitStatus serializes")),
             ),
+            Frame::Resize(r) => (
+                KIND_RESIZE,
+                Bytes::from(serde_json::to_vec(r).expect("Resize serializes")),
+            ),
+            Frame::Input(b) => (KIND_INPUT, b.clone()),
         };
         let mut out = BytesMut::with_capacity(HEADER + payload.len());
         out.put_u8(kind);
@@ -79,7 +92,10 @@ impl FrameDecoder {
         if len > MAX_FRAME {
             return Err(FrameError::TooLarge(len));
         }
-        if !matches!(kind, KIND_STDOUT | KIND_STDERR | KIND_EXIT) {
+        if !matches!(
+            kind,
+            KIND_STDOUT | KIND_STDERR | KIND_EXIT | KIND_RESIZE | KIND_INPUT
+        ) {
             return Err(FrameError::UnknownKind(kind));
         }
         if self.buf.len() < HEADER + len {
@@ -90,6 +106,11 @@ impl FrameDecoder {
         Ok(Some(match kind {
             KIND_STDOUT => Frame::Stdout(payload),
             KIND_STDERR => Frame::Stderr(payload),
+            KIND_INPUT => Frame::Input(payload),
+            KIND_RESIZE => Frame::Resize(
+                serde_json::from_slice(&payload)
+                    .map_err(|e| FrameError::BadResize(e.to_string()))?,
+            ),
             _ => Frame::Exit(
                 serde_json::from_slice(&payload).map_err(|e| FrameError::BadExit(e.to_string()))?,
             ),
@@ -125,6 +146,11 @@ mod tests {
             Frame::Stdout(Bytes::from_static(b"hello\n")),
             Frame::Stderr(Bytes::from_static(&[0xff, 0x00, 0x80])),
             Frame::Stdout(Bytes::new()),
+            Frame::Input(Bytes::from_static(b"ls\r")),
+            Frame::Resize(Resize {
+                rows: 40,
+                cols: 100,
+            }),
             exit(3),
         ];
         let wire: Vec<u8> = frames.iter().flat_map(|f| f.encode().to_vec()).collect();

@@ -37,6 +37,59 @@ pub mod routes {
     pub const EXEC: &str = "/v1/exec";
     /// `GET`/`HEAD`/`PUT` with [`super::FileQuery`] in the query string.
     pub const FILES: &str = "/v1/files";
+    /// `POST` [`super::SessionRequest`] → 201 [`super::SessionInfo`];
+    /// `GET` → `[SessionInfo]`.
+    pub const SESSIONS: &str = "/v1/sessions";
+    /// `POST /v1/sessions/{id}/attach`: request body = input and resize
+    /// frames, response body = the scrollback then live output frames, and
+    /// an exit frame when the session's process ends.
+    pub fn attach(id: &str) -> String {
+        format!("{SESSIONS}/{id}/attach")
+    }
+}
+
+/// A terminal size.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Resize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// Start a terminal session: `argv` on a new PTY.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SessionRequest {
+    /// 1-64 characters of `[A-Za-z0-9_-]`; the agent picks one if absent.
+    #[serde(default)]
+    pub id: Option<String>,
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    pub size: Resize,
+}
+
+/// A session as the agent reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SessionInfo {
+    pub id: String,
+    pub argv: Vec<String>,
+    pub tty: bool,
+    pub running: bool,
+    /// Clients attached right now.
+    pub attached: u32,
+    /// Unix seconds.
+    pub created_at: u64,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+}
+
+/// Whether `id` is a valid session id.
+pub fn valid_session_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Serial-port resynchronisation (virtio-serial only). A byte pipe has no

@@ -35,7 +35,7 @@ use crate::reply::{self, ApiError, Body, BodySender};
 use crate::server::Agent;
 
 /// Environment every command starts from (the request's `env` goes on top).
-const BASE_ENV: [(&str, &str); 4] = [
+pub(crate) const BASE_ENV: [(&str, &str); 4] = [
     (
         "PATH",
         "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -155,18 +155,7 @@ async fn run(req: ExecRequest, reaper: Reaper, tx: BodySender) {
 
 /// Build the `Command` (without spawning). `Err` is a message for the client.
 fn build_command(req: &ExecRequest) -> Result<Command, String> {
-    let cwd = match &req.cwd {
-        Some(cwd) => {
-            if !Path::new(cwd).is_dir() {
-                return Err(format!(
-                    "working directory {cwd:?} does not exist or is not a directory"
-                ));
-            }
-            cwd.as_str()
-        }
-        None if Path::new("/root").is_dir() => "/root",
-        None => "/",
-    };
+    let cwd = working_dir(req.cwd.as_deref())?;
     let mut cmd = Command::new(&req.argv[0]);
     cmd.args(&req.argv[1..])
         .env_clear()
@@ -193,8 +182,21 @@ fn build_command(req: &ExecRequest) -> Result<Command, String> {
     Ok(cmd)
 }
 
+/// The directory a command starts in: the asked one (which must exist),
+/// else `/root`, else `/`.
+pub(crate) fn working_dir(asked: Option<&str>) -> Result<&str, String> {
+    match asked {
+        Some(cwd) if !Path::new(cwd).is_dir() => Err(format!(
+            "working directory {cwd:?} does not exist or is not a directory"
+        )),
+        Some(cwd) => Ok(cwd),
+        None if Path::new("/root").is_dir() => Ok("/root"),
+        None => Ok("/"),
+    }
+}
+
 /// Runs in the child between fork and exec; see the SAFETY note above.
-fn child_setup() -> io::Result<()> {
+pub(crate) fn child_setup() -> io::Result<()> {
     rustix::process::setsid()?;
     // Make the command the OOM killer's choice, never the agent: the agent
     // asks for -1000, but hosts without CAP_SYS_RESOURCE cannot lower a score,

@@ -17,10 +17,12 @@ mod files;
 mod init;
 mod lines;
 mod netconf;
+mod pty;
 mod query;
 mod reaper;
 mod reply;
 mod server;
+mod sessions;
 mod transport;
 mod upload;
 
@@ -133,7 +135,11 @@ async fn run(cmd: Cmd) -> io::Result<()> {
         Mode::empty(),
     )?;
     protect_from_oom();
-    let agent = Arc::new(server::Agent { reaper, root });
+    let agent = Arc::new(server::Agent {
+        reaper,
+        root,
+        sessions: Default::default(),
+    });
 
     // As PID 1 the kernel ignores signals we do not handle: exit on them.
     let mut term = signal(SignalKind::terminate())?;

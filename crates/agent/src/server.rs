@@ -16,13 +16,15 @@ use sandforge_agent_proto::{routes, AgentInfo, FileQuery, PROTOCOL_VERSION};
 
 use crate::reaper::Reaper;
 use crate::reply::{self, ApiError, Body};
-use crate::{exec, files, query, upload};
+use crate::{exec, files, query, sessions, upload};
 
 /// State shared by every connection and request.
 pub struct Agent {
     pub reaper: Reaper,
     /// `O_PATH` fd of the agent's `/`, the base of every file operation.
     pub root: OwnedFd,
+    /// Terminal sessions.
+    pub sessions: crate::sessions::Sessions,
 }
 
 /// Serve one request; never fails (errors become JSON error responses).
@@ -65,7 +67,26 @@ async fn route(req: Request<Incoming>, agent: Arc<Agent>) -> Result<Response<Bod
                 upload::put(agent, q, len, req.into_body()).await
             }
         }
-        other => Err(ApiError::not_found(format!("no route {other}"))),
+        routes::SESSIONS => {
+            allow(&method, &[Method::GET, Method::POST])?;
+            if method == Method::GET {
+                Ok(reply::json(StatusCode::OK, &agent.sessions.list()))
+            } else {
+                sessions::create(req, &agent.sessions, &agent.reaper).await
+            }
+        }
+        other => match other
+            .strip_prefix(routes::SESSIONS)
+            .and_then(|rest| rest.strip_prefix('/'))
+            .and_then(|rest| rest.strip_suffix("/attach"))
+        {
+            Some(id) => {
+                allow(&method, &[Method::POST])?;
+                let id = id.to_string();
+                sessions::attach(req, &agent.sessions, &id).await
+            }
+            None => Err(ApiError::not_found(format!("no route {other}"))),
+        },
     }
 }
 

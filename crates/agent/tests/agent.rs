@@ -178,6 +178,7 @@ async fn collect_frames(resp: Response<Incoming>) -> ExecResult {
                 }
                 Frame::Stderr(b) => res.stderr.extend_from_slice(&b),
                 Frame::Exit(st) => res.exit = Some(st),
+                other => panic!("an exec stream sent a terminal frame: {other:?}"),
             }
         }
     }

@@ -114,6 +114,10 @@ pub struct CreateSandbox {
     /// Size of a microVM's root disk (its copy-on-write overlay), MB.
     #[serde(default)]
     pub disk_mb: Option<u64>,
+    /// A command run once at create, as the terminal session `init`
+    /// (seed 002).
+    #[serde(default)]
+    pub init: Option<String>,
 }
 
 /// A create request with defaults applied and every field checked.
@@ -132,6 +136,7 @@ pub struct ValidCreate {
     pub template: String,
     pub isolation: Option<Isolation>,
     pub disk_mb: Option<u64>,
+    pub init: Option<String>,
 }
 
 pub const DEFAULT_TEMPLATE: &str = "default";
@@ -209,6 +214,17 @@ impl CreateSandbox {
                 ));
             }
         }
+        if let Some(i) = &self.init {
+            if i.trim().is_empty() || i.len() > limits::MAX_COMMAND_BYTES {
+                return Err(Invalid::new(
+                    "init",
+                    format!(
+                        "must be a non-empty command of at most {} bytes",
+                        limits::MAX_COMMAND_BYTES
+                    ),
+                ));
+            }
+        }
         if let Some(n) = &self.name {
             validate_name("name", n)?;
         }
@@ -282,6 +298,7 @@ impl CreateSandbox {
             template,
             isolation: self.isolation,
             disk_mb: self.disk_mb,
+            init: self.init,
         })
     }
 }

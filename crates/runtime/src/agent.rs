@@ -280,7 +280,7 @@ async fn resync(stream: &mut UnixStream) -> Result<()> {
     }
 }
 
-fn build(method: Method, uri: &str, body: ReqBody) -> Result<Request<ReqBody>> {
+pub(crate) fn build(method: Method, uri: &str, body: ReqBody) -> Result<Request<ReqBody>> {
     // HTTP/2 needs an authority; the agent ignores it.
     Request::builder()
         .method(method)
@@ -289,7 +289,7 @@ fn build(method: Method, uri: &str, body: ReqBody) -> Result<Request<ReqBody>> {
         .map_err(|e| RuntimeError::AgentProtocol(e.to_string()))
 }
 
-async fn collect(resp: Response<Incoming>) -> Result<Bytes> {
+pub(crate) async fn collect(resp: Response<Incoming>) -> Result<Bytes> {
     resp.into_body()
         .collect()
         .await
@@ -321,7 +321,8 @@ fn encode_query(q: &FileQuery) -> String {
     parts.join("&")
 }
 
-/// Frames of one running exec, in order; the last is `Frame::Exit`.
+/// Frames of one running exec or terminal attachment, in order; the last
+/// is `Frame::Exit`.
 pub struct ExecStream {
     body: Incoming,
     decoder: FrameDecoder,
@@ -329,6 +330,14 @@ pub struct ExecStream {
 }
 
 impl ExecStream {
+    pub(crate) fn from_body(body: Incoming, decoder: FrameDecoder) -> Self {
+        ExecStream {
+            body,
+            decoder,
+            done: false,
+        }
+    }
+
     /// After the exit frame, read the stream to its end (bounded) so that it
     /// closes normally instead of being reset by dropping it: a completed
     /// exec should never look like a cancelled one to the agent.

@@ -12,6 +12,13 @@ pub enum RuntimeError {
     AgentUnavailable(String),
     #[error("agent protocol error: {0}")]
     AgentProtocol(String),
+    /// The agent refused a request (a 4xx with its JSON error).
+    #[error("{message}")]
+    AgentRefused {
+        status: u16,
+        code: String,
+        message: String,
+    },
     #[error("agent did not answer within {0:?}")]
     AgentTimeout(std::time::Duration),
     #[error("{tool} failed: {message}")]

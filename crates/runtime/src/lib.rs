@@ -14,6 +14,7 @@ pub mod error;
 pub mod microvm;
 pub mod network;
 pub mod template;
+pub mod terminal;
 
 pub use agent::AgentClient;
 pub use backend::{Backend, Liveness, ResolvedMount, SandboxSpec};

@@ -42,6 +42,33 @@ fn bearer(parts: &Parts) -> Option<String> {
         .then(|| token.trim().to_string())
 }
 
+/// The organization of `token`, or 401.
+pub fn caller_of(state: &AppState, token: &str) -> Result<Caller, ApiError> {
+    if token.is_empty() || token.len() > 256 {
+        return Err(ApiError::unauthorized("invalid token"));
+    }
+    match state.controller.db().token_org(&hash(token))? {
+        Some(org) => Ok(Caller { org }),
+        None => Err(ApiError::unauthorized("invalid token")),
+    }
+}
+
+/// For routes a browser opens directly (the terminal WebSocket, which
+/// cannot carry headers): the bearer header, else a `token` query value.
+pub fn caller_of_request(
+    state: &AppState,
+    parts: &Parts,
+    query_token: Option<&str>,
+) -> Result<Caller, ApiError> {
+    match (bearer(parts), query_token) {
+        (Some(t), _) => caller_of(state, &t),
+        (None, Some(t)) => caller_of(state, t),
+        (None, None) => Err(ApiError::unauthorized(
+            "missing 'Authorization: Bearer <token>' header (or ?token=)",
+        )),
+    }
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
@@ -49,13 +76,7 @@ impl FromRequestParts<AppState> for Caller {
         let token = bearer(parts).ok_or_else(|| {
             ApiError::unauthorized("missing 'Authorization: Bearer <token>' header")
         })?;
-        if token.is_empty() || token.len() > 256 {
-            return Err(ApiError::unauthorized("invalid token"));
-        }
-        match state.controller.db().token_org(&hash(&token))? {
-            Some(org) => Ok(Caller { org }),
-            None => Err(ApiError::unauthorized("invalid token")),
-        }
+        caller_of(state, &token)
     }
 }
 

@@ -146,6 +146,11 @@ impl Controller {
         })
     }
 
+    /// The login shell of a template, when it names one.
+    pub(crate) fn template_shell(&self, template: &str) -> Option<String> {
+        self.templates.get(template).ok().map(|t| t.shell)
+    }
+
     /// The API view of a row.
     pub fn to_api(&self, row: &SandboxRow) -> Sandbox {
         Sandbox {
@@ -325,6 +330,19 @@ impl Controller {
             if let Err(e) = self.net_detach(&row).await {
                 tracing::error!(%id, "network cleanup after a failed start: {}", e.message);
             }
+        }
+        let started = match started {
+            Ok(client) => match &v.init {
+                Some(cmd) => self.start_init(&client, &row, cmd).await.map(|_| client),
+                None => Ok(client),
+            },
+            Err(e) => Err(e),
+        };
+        if started.is_err() {
+            if let Ok(backend) = self.backend(isolation) {
+                let _ = backend.destroy(&spec).await;
+            }
+            let _ = self.net_detach(&row).await;
         }
         match started {
             Ok(client) => {

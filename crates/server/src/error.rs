@@ -88,6 +88,22 @@ impl From<RuntimeError> for ApiError {
                 format!("template: '{name}' not found"),
             )
             .field("template"),
+            RuntimeError::AgentRefused {
+                status,
+                code,
+                message,
+            } => ApiError::new(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+                // Codes the agent may send, as static strings for the body.
+                match code.as_str() {
+                    "bad_request" => "invalid_request",
+                    "not_found" => "not_found",
+                    "session_exists" => "session_exists",
+                    "too_many_sessions" => "too_many_sessions",
+                    _ => "agent_refused",
+                },
+                message,
+            ),
             RuntimeError::AgentUnavailable(_) | RuntimeError::AgentTimeout(_) => {
                 ApiError::new(StatusCode::BAD_GATEWAY, "agent_unavailable", e.to_string())
             }

@@ -17,6 +17,7 @@ pub mod error;
 pub mod json;
 mod network;
 mod routes;
+mod sessions;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -76,6 +76,8 @@ async fn buffered(
                     truncated,
                 })
             }
+            // Terminal input frames never come from an exec.
+            Some(Ok(Frame::Resize(_) | Frame::Input(_))) => {}
             Some(Err(e)) => return Err(st.controller.agent_failed(id, e).await),
             None => {
                 return Err(st
@@ -164,6 +166,9 @@ fn ndjson_lines(
                     exit_code: st.exit_code,
                     timed_out: st.timed_out,
                 }
+            }
+            Some(Ok(Frame::Resize(_) | Frame::Input(_))) => {
+                return Some((Ok(Bytes::new()), s));
             }
             Some(Err(e)) => {
                 s.done = true;

@@ -9,6 +9,7 @@ mod exec;
 mod files;
 mod health;
 mod sandboxes;
+mod terminal;
 
 use axum::routing::{get, post};
 use axum::Router;
@@ -26,6 +27,8 @@ fn api() -> Router<AppState> {
                 .delete(sandboxes::destroy),
         )
         .route("/sandboxes/{id}/console", get(sandboxes::console))
+        .route("/sandboxes/{id}/ws", get(terminal::ws))
+        .route("/sandboxes/{id}/sessions", get(terminal::sessions))
         .route("/sandboxes/{id}/execute", post(exec::execute))
         .route("/sandboxes/{id}/exec", post(exec::exec))
         .route(

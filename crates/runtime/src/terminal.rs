@@ -1,0 +1,88 @@
+//! Client side of the agent's terminal sessions: create and list sessions,
+//! and attach to one as a pair of frame streams (keystrokes and resizes
+//! in, terminal output and the exit status out) over one HTTP/2 stream of
+//! the sandbox's agent connection. Must not interpret what flows through.
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use sandforge_agent_proto::{routes, AgentError, Frame, FrameDecoder, SessionInfo, SessionRequest};
+use tokio::sync::mpsc;
+
+use crate::agent::{build, collect, full_body, AgentClient, BoxError, ExecStream};
+use crate::error::{Result, RuntimeError};
+
+/// How many input frames may wait for the agent.
+const INPUT_QUEUE: usize = 64;
+
+/// One attachment: send [`Frame::Input`] / [`Frame::Resize`] on `input`;
+/// read output and, last, the exit status from `output`. Dropping both
+/// detaches; the session goes on.
+pub struct Attachment {
+    pub input: mpsc::Sender<Frame>,
+    pub output: ExecStream,
+}
+
+async fn refused(status: StatusCode, resp: http::Response<hyper::body::Incoming>) -> RuntimeError {
+    let body = collect(resp).await.unwrap_or_default();
+    match serde_json::from_slice::<AgentError>(&body) {
+        Ok(e) if status.is_client_error() => RuntimeError::AgentRefused {
+            status: status.as_u16(),
+            code: e.code,
+            message: e.message,
+        },
+        _ => RuntimeError::AgentProtocol(format!(
+            "agent answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        )),
+    }
+}
+
+impl AgentClient {
+    pub async fn create_session(&self, req: &SessionRequest) -> Result<SessionInfo> {
+        let body =
+            serde_json::to_vec(req).map_err(|e| RuntimeError::AgentProtocol(e.to_string()))?;
+        let resp = self
+            .request(build(Method::POST, routes::SESSIONS, full_body(body))?)
+            .await?;
+        if resp.status() != StatusCode::CREATED {
+            return Err(refused(resp.status(), resp).await);
+        }
+        let body = collect(resp).await?;
+        serde_json::from_slice(&body).map_err(|e| RuntimeError::AgentProtocol(e.to_string()))
+    }
+
+    pub async fn sessions(&self) -> Result<Vec<SessionInfo>> {
+        let resp = self
+            .request(build(
+                Method::GET,
+                routes::SESSIONS,
+                full_body(Bytes::new()),
+            )?)
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(refused(resp.status(), resp).await);
+        }
+        let body = collect(resp).await?;
+        serde_json::from_slice(&body).map_err(|e| RuntimeError::AgentProtocol(e.to_string()))
+    }
+
+    pub async fn attach(&self, id: &str) -> Result<Attachment> {
+        let (tx, rx) = mpsc::channel::<Frame>(INPUT_QUEUE);
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            let f = rx.recv().await?;
+            Some((Ok::<_, BoxError>(hyper::body::Frame::data(f.encode())), rx))
+        });
+        let body = StreamBody::new(stream).boxed_unsync();
+        let resp = self
+            .request(build(Method::POST, &routes::attach(id), body)?)
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(refused(resp.status(), resp).await);
+        }
+        Ok(Attachment {
+            input: tx,
+            output: ExecStream::from_body(resp.into_body(), FrameDecoder::new()),
+        })
+    }
+}
