@@ -18,7 +18,7 @@ if ! command -v cargo >/dev/null; then
 fi
 
 PKGS=(runc debootstrap sqlite3 file iproute2 util-linux python3 ca-certificates qemu-system-x86 qemu-utils e2fsprogs kmod lz4 curl
-      libseccomp-dev libcap-ng-dev pkg-config nftables)
+      libseccomp-dev libcap-ng-dev pkg-config nftables tmux)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

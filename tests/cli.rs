@@ -1,5 +1,6 @@
 //! The `sandforge` CLI against a real daemon: create, list, get, exec with
-//! live output and exit codes, cp in and out, ls, rm.
+//! live output and exit codes, cp in and out, ls, rm, and `shell` driven
+//! through a real pseudo-terminal (tmux).
 
 use std::process::Command;
 
@@ -92,4 +93,103 @@ async fn cli_covers_the_core_operations() {
 
     ok(&d, &["rm", &id]);
     assert!(!ok(&d, &["list"]).contains(&id));
+}
+
+/// A tmux server of its own (socket `-L`), killed on drop.
+struct Tmux(String);
+
+impl Tmux {
+    fn run(&self, args: &[&str]) -> String {
+        let out = Command::new("tmux")
+            .arg("-L")
+            .arg(&self.0)
+            .args(args)
+            .output()
+            .expect("tmux (scripts/deps.sh installs it)");
+        assert!(
+            out.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    /// Wait until the pane shows `needle` (30 s).
+    fn wait_for(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let screen = self.run(&["capture-pane", "-p", "-t", "t"]);
+            if screen.contains(needle) {
+                return screen;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {needle:?} on screen:\n{screen}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["-L", &self.0, "kill-server"])
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn cli_shell_is_a_real_interactive_terminal() {
+    let d = Daemon::start().await;
+    let id = ok(&d, &["create", "--isolation", sandforge_tests::isolation()])
+        .trim()
+        .to_string();
+    let out = scratch_dir("sf-shell-");
+    let status = out.path().join("status");
+    let tmux = Tmux(format!("sf-test-{}", d.port));
+    let cmd = format!(
+        "SANDFORGE_URL={} SANDFORGE_TOKEN={TOKEN} {} shell {id}; echo $? > {}; sleep 600",
+        d.url,
+        bin("sandforge").display(),
+        status.display()
+    );
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "t",
+        "-x",
+        "100",
+        "-y",
+        "30",
+        &cmd,
+    ]);
+    // The window size reached the remote terminal, and keystrokes run.
+    tmux.run(&[
+        "send-keys",
+        "-t",
+        "t",
+        "stty size; echo typed-$((6*7))",
+        "Enter",
+    ]);
+    let screen = tmux.wait_for("typed-42");
+    assert!(screen.contains("30 100"), "{screen}");
+    // A resize of the local terminal follows (SIGWINCH).
+    tmux.run(&["resize-window", "-t", "t", "-x", "120", "-y", "40"]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    tmux.run(&["send-keys", "-t", "t", "clear; stty size", "Enter"]);
+    tmux.wait_for("40 120");
+    // The remote exit code is the CLI's.
+    tmux.run(&["send-keys", "-t", "t", "exit 5", "Enter"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read_to_string(&status).unwrap_or_default().trim() != "5" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "exit code not 5: {:?}",
+            std::fs::read_to_string(&status)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    ok(&d, &["rm", &id]);
 }

@@ -85,6 +85,11 @@ impl Client {
         &self.base
     }
 
+    /// The API token, when one is set.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     /// A request to `path` (which starts with `/`), with the bearer token.
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
         let rb = self.http.request(method, format!("{}{path}", self.base));

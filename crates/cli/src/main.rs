@@ -15,7 +15,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use client::{ApiError, Client, DEFAULT_URL};
-use commands::{exec, files, sandbox, serve};
+use commands::{exec, files, sandbox, serve, shell};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -59,6 +59,8 @@ enum Command {
     Cp(files::CpArgs),
     /// List a directory inside a sandbox
     Ls(files::LsArgs),
+    /// Open an interactive terminal in a sandbox (exit code = the remote one)
+    Shell(shell::ShellArgs),
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
@@ -78,6 +80,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Execute(a) => exec::execute(&client, a).await,
         Command::Cp(a) => files::cp(&client, a).await,
         Command::Ls(a) => files::ls(&client, a).await,
+        Command::Shell(a) => shell::shell(&client, a).await,
         Command::Serve(_) | Command::Token(_) => unreachable!("handled above"),
     }
 }

@@ -5,6 +5,7 @@ pub mod exec;
 pub mod files;
 pub mod sandbox;
 pub mod serve;
+pub mod shell;
 
 use std::io::{self, Write};
 
