@@ -113,6 +113,8 @@ pub fn gone_or_zombie(pid: u32) -> bool {
 pub struct Daemon {
     pub url: String,
     pub port: u16,
+    /// The publish listener (`{alias}.sandforge.localhost` by `Host`).
+    pub publish_port: u16,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     child: Option<Child>,
@@ -132,6 +134,8 @@ impl Daemon {
         let config = dir.path().join("config.yaml");
         let mut f = std::fs::File::create(&config).unwrap();
         writeln!(f, "listen: 127.0.0.1:{port}").unwrap();
+        let publish_port = free_port();
+        writeln!(f, "publish_listen: 127.0.0.1:{publish_port}").unwrap();
         writeln!(f, "state_dir: {}", dir.path().join("state").display()).unwrap();
         writeln!(f, "monitor_interval_secs: 1").unwrap();
         let list: Vec<String> = allowed
@@ -157,6 +161,7 @@ impl Daemon {
         let mut d = Daemon {
             url: format!("http://127.0.0.1:{port}"),
             port,
+            publish_port,
             dir,
             config,
             child: None,

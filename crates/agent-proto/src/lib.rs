@@ -46,6 +46,17 @@ pub mod routes {
     pub fn attach(id: &str) -> String {
         format!("{SESSIONS}/{id}/attach")
     }
+    /// `GET` → `[ListeningPort]`: TCP ports listening in the sandbox.
+    pub const PORTS: &str = "/v1/ports";
+    /// `POST ?port=N`: a tunnel; request body = bytes to `localhost:N`,
+    /// response body = bytes from it (502 when nothing listens).
+    pub const TCP: &str = "/v1/tcp";
+}
+
+/// A TCP port listening inside the sandbox.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ListeningPort {
+    pub port: u16,
 }
 
 /// A terminal size.

@@ -17,6 +17,7 @@ mod files;
 mod init;
 mod lines;
 mod netconf;
+mod ports;
 mod pty;
 mod query;
 mod reaper;

@@ -16,7 +16,7 @@ use sandforge_agent_proto::{routes, AgentInfo, FileQuery, PROTOCOL_VERSION};
 
 use crate::reaper::Reaper;
 use crate::reply::{self, ApiError, Body};
-use crate::{exec, files, query, sessions, upload};
+use crate::{exec, files, ports, query, sessions, upload};
 
 /// State shared by every connection and request.
 pub struct Agent {
@@ -66,6 +66,14 @@ async fn route(req: Request<Incoming>, agent: Arc<Agent>) -> Result<Response<Bod
                     .and_then(|v| v.parse().ok());
                 upload::put(agent, q, len, req.into_body()).await
             }
+        }
+        routes::PORTS => {
+            allow(&method, &[Method::GET])?;
+            Ok(ports::list())
+        }
+        routes::TCP => {
+            allow(&method, &[Method::POST])?;
+            ports::tunnel(req).await
         }
         routes::SESSIONS => {
             allow(&method, &[Method::GET, Method::POST])?;

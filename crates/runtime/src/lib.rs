@@ -15,6 +15,7 @@ pub mod microvm;
 pub mod network;
 pub mod template;
 pub mod terminal;
+pub mod tunnel;
 
 pub use agent::AgentClient;
 pub use backend::{Backend, Liveness, ResolvedMount, SandboxSpec};

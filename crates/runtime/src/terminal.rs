@@ -23,14 +23,19 @@ pub struct Attachment {
     pub output: ExecStream,
 }
 
-async fn refused(status: StatusCode, resp: http::Response<hyper::body::Incoming>) -> RuntimeError {
+pub(crate) async fn refused(
+    status: StatusCode,
+    resp: http::Response<hyper::body::Incoming>,
+) -> RuntimeError {
     let body = collect(resp).await.unwrap_or_default();
     match serde_json::from_slice::<AgentError>(&body) {
-        Ok(e) if status.is_client_error() => RuntimeError::AgentRefused {
-            status: status.as_u16(),
-            code: e.code,
-            message: e.message,
-        },
+        Ok(e) if status.is_client_error() || status == StatusCode::BAD_GATEWAY => {
+            RuntimeError::AgentRefused {
+                status: status.as_u16(),
+                code: e.code,
+                message: e.message,
+            }
+        }
         _ => RuntimeError::AgentProtocol(format!(
             "agent answered {status}: {}",
             String::from_utf8_lossy(&body)

@@ -65,6 +65,10 @@ pub struct Config {
     pub dns_upstream: Option<String>,
     /// Names the sandboxes' resolver answers itself, like /etc/hosts.
     pub dns_hosts: std::collections::BTreeMap<String, std::net::Ipv4Addr>,
+    /// Address of the publish listener (published ports, no auth).
+    pub publish_listen: String,
+    /// Published ports answer as `{alias}.{publish_domain}`.
+    pub publish_domain: String,
 }
 
 impl Default for Config {
@@ -95,6 +99,8 @@ impl Default for Config {
             nft_table: "sandforge".into(),
             dns_upstream: None,
             dns_hosts: Default::default(),
+            publish_listen: "127.0.0.1:8586".into(),
+            publish_domain: "sandforge.localhost".into(),
         }
     }
 }
@@ -143,6 +149,20 @@ impl Config {
                     p.display()
                 )));
             }
+        }
+        if self.publish_listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ServerError::Config(format!(
+                "publish_listen: '{}' is not an address:port",
+                self.publish_listen
+            )));
+        }
+        if self.publish_domain.is_empty()
+            || !sandforge_api::network::valid_domain(&self.publish_domain)
+        {
+            return Err(ServerError::Config(format!(
+                "publish_domain: '{}' is not a lowercase DNS name",
+                self.publish_domain
+            )));
         }
         if !["nat", "offline"].contains(&self.default_network.as_str()) {
             return Err(ServerError::Config(format!(

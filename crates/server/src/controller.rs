@@ -423,6 +423,7 @@ impl Controller {
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
         self.reclaim(&row).await?;
+        self.db.delete_publish_all(id)?;
         self.db.set_status(id, SandboxStatus::Destroyed, None)?;
         self.ops
             .lock()
@@ -466,6 +467,16 @@ impl Controller {
             &self.sandbox_dir(id).join("console.log"),
             max,
         ))
+    }
+
+    /// The agent of a running sandbox, whoever owns it (the publish
+    /// listener: a published port is public).
+    pub fn agent_of(&self, id: &str) -> Result<AgentClient, ApiError> {
+        let row = self
+            .db
+            .get_sandbox(id)?
+            .ok_or_else(|| ApiError::not_found("sandbox", id))?;
+        self.agent(&row.org, id)
     }
 
     /// The agent of a running sandbox of `org`; 409 when it is not running.

@@ -1,6 +1,10 @@
 //! The state database: one SQLite file (`<state>/sandforge.db`, WAL mode)
-//! holding tokens, sandboxes and their status history. Owns the schema and
-//! every SQL statement; must not call into runtimes.
+//! holding tokens, sandboxes and their status history, and publish rules
+//! (`publish`). Owns the schema and every SQL statement; must not call
+//! into runtimes.
+
+mod publish;
+pub use publish::{PublishRule, Taken};
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -28,6 +32,14 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     updated_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sandboxes_org ON sandboxes(org, status);
+CREATE TABLE IF NOT EXISTS publish (
+    id TEXT PRIMARY KEY,
+    sandbox_id TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    alias TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL,
+    UNIQUE (sandbox_id, port)
+);
 CREATE TABLE IF NOT EXISTS sandbox_events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     sandbox_id TEXT NOT NULL,

@@ -100,6 +100,7 @@ impl From<RuntimeError> for ApiError {
                     "not_found" => "not_found",
                     "session_exists" => "session_exists",
                     "too_many_sessions" => "too_many_sessions",
+                    "connection_refused" => "connection_refused",
                     _ => "agent_refused",
                 },
                 message,

@@ -16,6 +16,8 @@ pub mod db;
 pub mod error;
 pub mod json;
 mod network;
+mod proxy;
+mod publish;
 mod routes;
 mod sessions;
 
@@ -338,6 +340,17 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServerError> {
         .map_err(|e| ServerError::Startup(e.message))?;
     tokio::spawn(controller.clone().monitor());
 
+    let publish_listener = tokio::net::TcpListener::bind(&cfg.publish_listen)
+        .await
+        .map_err(|e| ServerError::Startup(format!("listen on {}: {e}", cfg.publish_listen)))?;
+    let published = routes::publish_router(AppState {
+        controller: controller.clone(),
+    });
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(publish_listener, published).await {
+            tracing::error!("publish listener: {e}");
+        }
+    });
     let app = routes::router(AppState { controller });
     tracing::info!(listen = %cfg.listen, state_dir = %state.display(), "sandforge supervisor ready");
     axum::serve(listener, app)

@@ -8,10 +8,11 @@
 mod exec;
 mod files;
 mod health;
+mod ports;
 mod sandboxes;
 mod terminal;
 
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::Router;
 
 use crate::error::{method_not_allowed, not_found_route};
@@ -29,12 +30,30 @@ fn api() -> Router<AppState> {
         .route("/sandboxes/{id}/console", get(sandboxes::console))
         .route("/sandboxes/{id}/ws", get(terminal::ws))
         .route("/sandboxes/{id}/sessions", get(terminal::sessions))
+        .route("/sandboxes/{id}/ports", get(ports::ports))
+        .route("/ports", get(ports::all_ports))
+        .route("/sandboxes/{id}/proxy/{port}", any(ports::proxy))
+        .route("/sandboxes/{id}/proxy/{port}/", any(ports::proxy))
+        .route("/sandboxes/{id}/proxy/{port}/{*path}", any(ports::proxy))
+        .route(
+            "/sandboxes/{id}/publish",
+            post(ports::publish).get(ports::list_published),
+        )
+        .route(
+            "/sandboxes/{id}/publish/{port}",
+            axum::routing::delete(ports::unpublish),
+        )
         .route("/sandboxes/{id}/execute", post(exec::execute))
         .route("/sandboxes/{id}/exec", post(exec::exec))
         .route(
             "/sandboxes/{id}/files",
             get(files::get).head(files::head).put(files::put),
         )
+}
+
+/// The publish listener: every request is routed by its `Host` header.
+pub fn publish_router(state: AppState) -> Router {
+    Router::new().fallback(ports::published).with_state(state)
 }
 
 pub fn router(state: AppState) -> Router {

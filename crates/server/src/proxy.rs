@@ -1,0 +1,106 @@
+//! Forwarding one HTTP request to a port inside a sandbox, through an
+//! agent TCP tunnel (see `sandforge_runtime::tunnel`), for the proxy route
+//! and the publish listener. The request is rewritten to target
+//! `localhost:{port}` inside the sandbox: the path and query become the
+//! request target, `Host` becomes `localhost:{port}`, and the caller's
+//! `Authorization` header is never passed on. Bodies stream both ways;
+//! `Upgrade` requests (WebSocket) are spliced byte for byte after the
+//! `101`. One tunnel per request (no pooling). Must not decide who may
+//! reach what: callers check that first.
+
+use axum::body::Body;
+use axum::response::Response;
+use http::{header, HeaderValue, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use sandforge_runtime::{AgentClient, RuntimeError};
+
+use crate::error::ApiError;
+
+fn is_upgrade(h: &http::HeaderMap) -> bool {
+    h.get(header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"))
+        && h.contains_key(header::UPGRADE)
+}
+
+fn bad_gateway(message: String) -> ApiError {
+    ApiError::new(StatusCode::BAD_GATEWAY, "upstream_failed", message)
+}
+
+/// Send `req` to `localhost:{port}` in the sandbox as `target` (path and
+/// query) and return the sandbox's answer.
+pub async fn forward(
+    agent: &AgentClient,
+    port: u16,
+    mut req: Request<Body>,
+    target: &str,
+) -> Result<Response, ApiError> {
+    let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let io = agent.tcp(port).await.map_err(|e| match e {
+        RuntimeError::AgentRefused { message, .. } => {
+            ApiError::new(StatusCode::BAD_GATEWAY, "connection_refused", message)
+        }
+        other => ApiError::from(other),
+    })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| bad_gateway(format!("talking HTTP to port {port}: {e}")))?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let (mut parts, body) = req.into_parts();
+    parts.uri = target
+        .parse()
+        .map_err(|_| ApiError::bad_request("path", "not a valid request target"))?;
+    parts.version = http::Version::HTTP_11;
+    parts.headers.remove(header::AUTHORIZATION);
+    parts.headers.insert(
+        header::HOST,
+        HeaderValue::from_str(&format!("localhost:{port}")).expect("valid header"),
+    );
+    let mut resp = sender
+        .send_request(Request::from_parts(parts, body))
+        .await
+        .map_err(|e| bad_gateway(format!("port {port} did not answer: {e}")))?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client) = client_upgrade {
+            let upstream = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let (Ok(c), Ok(u)) = (client.await, upstream.await) {
+                    let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                }
+            });
+        }
+    }
+    let (parts, body) = resp.into_parts();
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// The path and query to send upstream: `path` (without its leading `/`)
+/// and the query without our `token` parameter.
+pub fn target(path: &str, query: Option<&str>) -> String {
+    let rest: Vec<&str> = query
+        .unwrap_or("")
+        .split('&')
+        .filter(|kv| !kv.is_empty() && !kv.starts_with("token="))
+        .collect();
+    let path = format!("/{}", path.trim_start_matches('/'));
+    if rest.is_empty() {
+        path
+    } else {
+        format!("{path}?{}", rest.join("&"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_drop_only_our_token() {
+        assert_eq!(target("a/b.txt", None), "/a/b.txt");
+        assert_eq!(target("", Some("token=x")), "/");
+        assert_eq!(target("/q", Some("a=1&token=t&b=2")), "/q?a=1&b=2");
+    }
+}
