@@ -84,6 +84,8 @@ fn raw_boot(d: &Daemon, run: usize, accel: accel::Accel) {
             .flatten(),
         shares: vec![],
         net: None,
+        mem_path: dir.path().join("mem"),
+        incoming: false,
     });
     let console = qemu::console_log(dir.path());
     let t = Instant::now();

@@ -8,11 +8,13 @@
 
 pub mod error;
 pub mod exec;
+pub mod lifecycle;
 pub mod network;
 pub mod sandbox;
 
 pub use error::{ErrorBody, ErrorDetail};
 pub use exec::{ExecEvent, ExecRequest, ExecResponse, ExecuteRequest, ExecuteResponse};
+pub use lifecycle::{Keepalive, Lifecycle, Mode};
 pub use network::{Cidr, Egress, EgressMode, Network, NetworkPolicy, PatchSandbox};
 pub use sandbox::{
     CreateSandbox, DeleteResponse, Health, Isolation, Mount, Sandbox, SandboxStatus,

@@ -243,6 +243,9 @@ pub struct PatchSandbox {
     pub egress: Option<Egress>,
     #[serde(default)]
     pub network_policy: Option<NetworkPolicy>,
+    /// Exempt from (or again subject to) the thermal manager.
+    #[serde(default)]
+    pub keep_hot: Option<bool>,
 }
 
 #[cfg(test)]

@@ -118,6 +118,17 @@ pub struct CreateSandbox {
     /// (seed 002).
     #[serde(default)]
     pub init: Option<String>,
+    /// `ephemeral` (destroyed after `timeout`) or `persistent` (suspended
+    /// after `idle_timeout`), seed 001.
+    #[serde(default)]
+    pub mode: Option<crate::Mode>,
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub idle_timeout: Option<String>,
+    /// Never suspended by the thermal manager (seed 002).
+    #[serde(default)]
+    pub keep_hot: Option<bool>,
 }
 
 /// A create request with defaults applied and every field checked.
@@ -137,6 +148,7 @@ pub struct ValidCreate {
     pub isolation: Option<Isolation>,
     pub disk_mb: Option<u64>,
     pub init: Option<String>,
+    pub lifecycle: crate::Lifecycle,
 }
 
 pub const DEFAULT_TEMPLATE: &str = "default";
@@ -195,6 +207,12 @@ impl CreateSandbox {
                 ),
             ));
         }
+        let lifecycle = crate::Lifecycle::validate(
+            self.mode,
+            self.timeout.as_deref(),
+            self.idle_timeout.as_deref(),
+            self.keep_hot,
+        )?;
         let egress = chosen_egress(self.egress, self.network_policy)?;
         if egress.is_some() && self.network == Some(Network::Offline) {
             return Err(Invalid::new(
@@ -299,6 +317,7 @@ impl CreateSandbox {
             isolation: self.isolation,
             disk_mb: self.disk_mb,
             init: self.init,
+            lifecycle,
         })
     }
 }
@@ -352,6 +371,14 @@ pub struct Sandbox {
     /// Why the sandbox is `failed`, when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status_reason: Option<String>,
+    pub mode: crate::Mode,
+    /// Ephemeral: when it will be destroyed (unless kept alive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// Persistent: seconds of idleness before suspension.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<u64>,
+    pub keep_hot: bool,
 }
 
 /// Body of `DELETE /v1/sandboxes/{id}` (seed 000).

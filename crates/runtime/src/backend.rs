@@ -43,6 +43,32 @@ pub struct SandboxSpec {
     pub template: Template,
 }
 
+/// Present in a sandbox directory once a stop has made its state durable
+/// (written by the backends, removed by a successful restart): after a
+/// crash in the middle of a stop, it tells a stopped sandbox from one that
+/// is still running.
+pub fn stopped_marker(dir: &std::path::Path) -> PathBuf {
+    dir.join("snap").join("STOPPED")
+}
+
+/// Write the marker (and its directory).
+pub fn mark_stopped(dir: &std::path::Path) -> crate::error::Result<()> {
+    let m = stopped_marker(dir);
+    if let Some(p) = m.parent() {
+        std::fs::create_dir_all(p).map_err(|e| crate::error::RuntimeError::io("mkdir", p, e))?;
+    }
+    std::fs::write(&m, b"").map_err(|e| crate::error::RuntimeError::io("write", &m, e))
+}
+
+/// What a stop wrote to disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StopReport {
+    /// `memory-full`, `memory-diff` (VMs) or `filesystem` (containers).
+    pub kind: &'static str,
+    /// Bytes of memory snapshot written by this stop (0 for containers).
+    pub bytes: u64,
+}
+
 /// What a backend finds when it looks at a sandbox after a supervisor restart.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Liveness {
@@ -72,4 +98,17 @@ pub trait Backend: Send + Sync {
     /// Ids of sandboxes this backend still holds resources for (used to reap
     /// orphans that the database no longer knows as live).
     async fn list(&self) -> Result<Vec<String>>;
+
+    /// Warm: stop every process where it is (a VM's vCPUs, a container's
+    /// cgroup); memory stays. Undone by [`Backend::resume`].
+    async fn pause(&self, spec: &SandboxSpec) -> Result<()>;
+
+    async fn resume(&self, spec: &SandboxSpec) -> Result<()>;
+
+    /// Cold: write the sandbox's state to its directory and end its
+    /// processes, releasing its memory. Undone by [`Backend::restart`].
+    async fn stop(&self, spec: &SandboxSpec) -> Result<StopReport>;
+
+    /// Bring a stopped sandbox back; returns once its agent answers.
+    async fn restart(&self, spec: &SandboxSpec) -> Result<AgentClient>;
 }

@@ -31,6 +31,9 @@ pub enum RuntimeError {
     },
     #[error("{0}")]
     Setup(String),
+    /// The operation does not apply to this sandbox.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl RuntimeError {

@@ -18,6 +18,6 @@ pub mod terminal;
 pub mod tunnel;
 
 pub use agent::AgentClient;
-pub use backend::{Backend, Liveness, ResolvedMount, SandboxSpec};
+pub use backend::{Backend, Liveness, ResolvedMount, SandboxSpec, StopReport};
 pub use error::RuntimeError;
 pub use template::{Template, TemplateStore};

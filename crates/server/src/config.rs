@@ -65,6 +65,14 @@ pub struct Config {
     pub dns_upstream: Option<String>,
     /// Names the sandboxes' resolver answers itself, like /etc/hosts.
     pub dns_hosts: std::collections::BTreeMap<String, std::net::Ipv4Addr>,
+    /// How often the thermal manager and expiry look (milliseconds).
+    pub lifecycle_interval_ms: u64,
+    /// Idle seconds before a running sandbox is suspended (warm); 0: never.
+    /// A persistent sandbox's `idle_timeout` overrides it.
+    pub thermal_warm_after_secs: u64,
+    /// Further idle seconds before a suspended sandbox is stopped (cold,
+    /// memory released); 0: never.
+    pub thermal_cold_after_secs: u64,
     /// Address of the publish listener (published ports, no auth).
     pub publish_listen: String,
     /// Published ports answer as `{alias}.{publish_domain}`.
@@ -99,6 +107,9 @@ impl Default for Config {
             nft_table: "sandforge".into(),
             dns_upstream: None,
             dns_hosts: Default::default(),
+            lifecycle_interval_ms: 1000,
+            thermal_warm_after_secs: 600,
+            thermal_cold_after_secs: 3600,
             publish_listen: "127.0.0.1:8586".into(),
             publish_domain: "sandforge.localhost".into(),
         }

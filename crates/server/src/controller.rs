@@ -36,7 +36,9 @@ pub struct Controller {
     net_alloc: tokio::sync::Mutex<()>,
     backends: HashMap<&'static str, Arc<dyn Backend>>,
     /// Agent clients of running sandboxes.
-    live: Mutex<HashMap<String, AgentClient>>,
+    pub(crate) live: Mutex<HashMap<String, AgentClient>>,
+    /// Last activity and requests in flight per sandbox (idleness).
+    pub(crate) activity: crate::lifecycle::ActivityMap,
     /// Serializes lifecycle operations (create/destroy/fail) per sandbox.
     ops: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     started: Instant,
@@ -82,6 +84,7 @@ impl Controller {
             backends,
             network,
             net_alloc: tokio::sync::Mutex::new(()),
+            activity: Default::default(),
             live: Mutex::new(HashMap::new()),
             ops: Mutex::new(HashMap::new()),
             started: Instant::now(),
@@ -105,7 +108,7 @@ impl Controller {
         ops.entry(id.to_string()).or_default().clone()
     }
 
-    fn backend(&self, iso: Isolation) -> Result<Arc<dyn Backend>, ApiError> {
+    pub(crate) fn backend(&self, iso: Isolation) -> Result<Arc<dyn Backend>, ApiError> {
         self.backends.get(iso.as_str()).cloned().ok_or_else(|| {
             ApiError::bad_request(
                 "isolation",
@@ -118,7 +121,7 @@ impl Controller {
         self.cfg.state_dir.join("sandboxes").join(id)
     }
 
-    fn spec_for(&self, row: &SandboxRow) -> Result<SandboxSpec, ApiError> {
+    pub(crate) fn spec_for(&self, row: &SandboxRow) -> Result<SandboxSpec, ApiError> {
         let template = self.templates.get(&row.spec.template)?;
         Ok(SandboxSpec {
             id: row.id.clone(),
@@ -144,6 +147,13 @@ impl Controller {
             env: row.spec.env.clone(),
             template,
         })
+    }
+
+    pub(crate) fn set_live(&self, id: &str, client: AgentClient) {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), client);
     }
 
     /// The login shell of a template, when it names one.
@@ -173,6 +183,13 @@ impl Controller {
             created_at: row.created_at.clone(),
             updated_at: row.updated_at.clone(),
             status_reason: row.status_reason.clone(),
+            mode: row.spec.lifecycle.mode,
+            expires_at: row.spec.expires_at.and_then(|t| {
+                chrono::DateTime::from_timestamp(t, 0)
+                    .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            }),
+            idle_timeout: row.spec.lifecycle.idle_timeout_secs,
+            keep_hot: row.spec.lifecycle.keep_hot,
         }
     }
 
@@ -302,6 +319,11 @@ impl Controller {
                 network,
                 net_slot: None,
                 egress,
+                lifecycle: v.lifecycle.clone(),
+                expires_at: v
+                    .lifecycle
+                    .timeout_secs
+                    .map(|t| chrono::Utc::now().timestamp() + t as i64),
                 mounts: v.mounts.clone(),
                 resolved_host_paths: resolved,
                 env: v.env.clone(),
@@ -351,6 +373,7 @@ impl Controller {
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(id.clone(), client);
                 self.db.set_status(&id, SandboxStatus::Running, None)?;
+                self.touch(&id);
                 tracing::info!(%id, ms = t0.elapsed().as_millis() as u64, "sandbox running");
             }
             Err(e) => {
@@ -471,16 +494,26 @@ impl Controller {
 
     /// The agent of a running sandbox, whoever owns it (the publish
     /// listener: a published port is public).
-    pub fn agent_of(&self, id: &str) -> Result<AgentClient, ApiError> {
+    pub async fn agent_of(&self, id: &str) -> Result<AgentClient, ApiError> {
         let row = self
             .db
             .get_sandbox(id)?
             .ok_or_else(|| ApiError::not_found("sandbox", id))?;
-        self.agent(&row.org, id)
+        self.agent(&row.org, id).await
     }
 
     /// The agent of a running sandbox of `org`; 409 when it is not running.
-    pub fn agent(&self, org: &str, id: &str) -> Result<AgentClient, ApiError> {
+    /// The agent of a sandbox of `org` that needs to run: a suspended or
+    /// stopped one is woken first (transparently), and the request counts
+    /// as activity. 409 when it cannot run.
+    pub async fn agent(&self, org: &str, id: &str) -> Result<AgentClient, ApiError> {
+        self.wake(org, id).await?;
+        self.touch(id);
+        self.running_agent(org, id)
+    }
+
+    /// The agent of a running sandbox of `org`, without waking anything.
+    pub fn running_agent(&self, org: &str, id: &str) -> Result<AgentClient, ApiError> {
         let row = self.get(org, id)?;
         if row.status != SandboxStatus::Running {
             return Err(not_running(&row));
@@ -552,18 +585,59 @@ impl Controller {
                     };
                     match backend.probe(&spec).await {
                         Liveness::Running => {
-                            let client = backend.agent(&spec);
-                            self.live
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .insert(row.id.clone(), client);
+                            if let Some(st) = self.recover_stop(row, true).await {
+                                self.db.set_status(
+                                    &row.id,
+                                    st,
+                                    Some("stop finished after a restart"),
+                                )?;
+                                continue;
+                            }
+                            self.set_live(&row.id, backend.agent(&spec));
                             tracing::info!(id = %row.id, "re-attached running sandbox");
                         }
                         Liveness::Dead(reason) => {
+                            if let Some(st) = self.recover_stop(row, false).await {
+                                self.db.set_status(
+                                    &row.id,
+                                    st,
+                                    Some("stop finished after a restart"),
+                                )?;
+                                continue;
+                            }
                             tracing::warn!(id = %row.id, "sandbox died while the supervisor was down: {reason}");
                             self.db
                                 .set_status(&row.id, SandboxStatus::Failed, Some(&reason))?;
                         }
+                    }
+                }
+                SandboxStatus::Suspended | SandboxStatus::Stopped => {
+                    let (Ok(backend), Ok(spec)) =
+                        (self.backend(row.spec.isolation), self.spec_for(row))
+                    else {
+                        continue;
+                    };
+                    let alive = backend.probe(&spec).await == Liveness::Running;
+                    let stopped_now = if row.status == SandboxStatus::Stopped || !alive {
+                        self.recover_stop(row, alive).await
+                    } else {
+                        None
+                    };
+                    match (row.status, alive, stopped_now) {
+                        (SandboxStatus::Suspended, true, _) => {
+                            self.set_live(&row.id, backend.agent(&spec))
+                        }
+                        (_, _, Some(st)) if st != row.status => self.db.set_status(
+                            &row.id,
+                            st,
+                            Some("stop finished after a restart"),
+                        )?,
+                        (SandboxStatus::Suspended, false, None) => self.db.set_status(
+                            &row.id,
+                            SandboxStatus::Failed,
+                            Some("gone while the supervisor was down"),
+                        )?,
+                        _ => {}
                     }
                 }
                 SandboxStatus::Creating | SandboxStatus::Starting => {

@@ -69,6 +69,12 @@ pub struct StoredSpec {
     /// The egress policy in force (networked sandboxes).
     #[serde(default)]
     pub egress: Option<sandforge_api::Egress>,
+    /// Mode, timeouts and `keep_hot`.
+    #[serde(default)]
+    pub lifecycle: sandforge_api::Lifecycle,
+    /// Ephemeral: when it is destroyed, Unix seconds.
+    #[serde(default)]
+    pub expires_at: Option<i64>,
     /// As requested (host paths as the caller wrote them).
     pub mounts: Vec<Mount>,
     /// Canonical host paths, parallel to `mounts`.
@@ -286,6 +292,8 @@ mod tests {
                 network: Network::Offline,
                 net_slot: None,
                 egress: None,
+                lifecycle: Default::default(),
+                expires_at: None,
                 mounts: vec![],
                 resolved_host_paths: vec![],
                 env: Default::default(),

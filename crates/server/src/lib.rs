@@ -15,6 +15,7 @@ pub mod controller;
 pub mod db;
 pub mod error;
 pub mod json;
+mod lifecycle;
 mod network;
 mod proxy;
 mod publish;
@@ -214,6 +215,7 @@ fn microvm_backend(cfg: &Config, state: &Path, agent: &Path) -> Result<MicrovmBa
         boot_timeout: Duration::from_secs(cfg.vm_boot_timeout_secs),
         virtiofsd: cfg.virtiofsd.clone(),
         uid_base: cfg.vm_uid_base,
+        mem_dir: PathBuf::from("/dev/shm/sandforge"),
     })
     .map_err(|e| e.to_string())
 }
@@ -339,6 +341,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServerError> {
         .await
         .map_err(|e| ServerError::Startup(e.message))?;
     tokio::spawn(controller.clone().monitor());
+    tokio::spawn(controller.clone().lifecycle());
 
     let publish_listener = tokio::net::TcpListener::bind(&cfg.publish_listen)
         .await

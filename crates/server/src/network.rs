@@ -91,9 +91,19 @@ impl Controller {
         Ok(())
     }
 
-    /// `PATCH /v1/sandboxes/{id}`: a new egress policy, in force at once.
+    /// `PATCH /v1/sandboxes/{id}`: `keep_hot`, and a new egress policy, in
+    /// force at once.
     pub async fn patch(&self, org: &str, id: &str, req: PatchSandbox) -> Result<Sandbox, ApiError> {
         let egress = chosen_egress(req.egress, req.network_policy)?;
+        let row = self.get(org, id)?;
+        if let Some(k) = req.keep_hot {
+            if row.status == SandboxStatus::Destroyed {
+                return Err(crate::controller::not_running(&row));
+            }
+            let mut spec = row.spec.clone();
+            spec.lifecycle.keep_hot = k;
+            self.db.set_spec(id, &spec)?;
+        }
         let row = self.get(org, id)?;
         let Some(egress) = egress else {
             return Ok(self.to_api(&row));

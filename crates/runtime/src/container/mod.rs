@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use sandforge_api::Isolation;
 
 use crate::agent::AgentClient;
-use crate::backend::{Backend, Liveness, SandboxSpec};
+use crate::backend::{Backend, Liveness, SandboxSpec, StopReport};
 use crate::error::{Result, RuntimeError};
 use runc::Runc;
 
@@ -258,6 +258,51 @@ impl Backend for ContainerBackend {
     }
 
     async fn destroy(&self, spec: &SandboxSpec) -> Result<()> {
+        self.halt(spec).await?;
+        rootfs::remove_sandbox_dir(&spec.dir)
+    }
+
+    async fn list(&self) -> Result<Vec<String>> {
+        self.runc.list().await
+    }
+
+    async fn pause(&self, spec: &SandboxSpec) -> Result<()> {
+        self.runc.freeze(&spec.id, true).await
+    }
+
+    async fn resume(&self, spec: &SandboxSpec) -> Result<()> {
+        self.runc.freeze(&spec.id, false).await
+    }
+
+    /// The filesystem (the overlay's upper layer) stays; processes end.
+    /// Memory is not saved: CRIU is not used (its checkpoints of user
+    /// namespaced, seccomp-confined containers are not reliable enough on
+    /// the runc and kernels we target).
+    async fn stop(&self, spec: &SandboxSpec) -> Result<StopReport> {
+        // Its filesystem is its state, durable already.
+        crate::backend::mark_stopped(&spec.dir)?;
+        self.halt(spec).await?;
+        Ok(StopReport {
+            kind: "filesystem",
+            bytes: 0,
+        })
+    }
+
+    async fn restart(&self, spec: &SandboxSpec) -> Result<AgentClient> {
+        match self.setup(spec).await {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                let _ = self.halt(spec).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+impl ContainerBackend {
+    /// End every process and release every host resource of the sandbox
+    /// but its directory (so its writable layer survives).
+    async fn halt(&self, spec: &SandboxSpec) -> Result<()> {
         let p = Paths::of(&spec.dir);
         let init_pid = std::fs::read_to_string(&p.pid)
             .ok()
@@ -279,11 +324,6 @@ impl Backend for ContainerBackend {
             crate::network::links::delete(&lease.iface).await;
         }
         rootfs::unmount_all(&p.rootfs)?;
-        idmap::unstage(&spec.dir)?;
-        rootfs::remove_sandbox_dir(&spec.dir)
-    }
-
-    async fn list(&self) -> Result<Vec<String>> {
-        self.runc.list().await
+        idmap::unstage(&spec.dir)
     }
 }

@@ -144,6 +144,22 @@ impl Runc {
         }
     }
 
+    /// `runc pause` / `runc resume` (the cgroup freezer, v1 or v2).
+    pub async fn freeze(&self, id: &str, frozen: bool) -> Result<()> {
+        let verb = if frozen { "pause" } else { "resume" };
+        let mut c = self.cmd();
+        c.args([verb, id]);
+        let out = self.output(c, verb).await?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(RuntimeError::Command {
+                tool: format!("runc {verb}"),
+                message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            })
+        }
+    }
+
     /// Container ids runc holds state for.
     pub async fn list(&self) -> Result<Vec<String>> {
         let mut c = self.cmd();

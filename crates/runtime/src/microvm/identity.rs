@@ -82,6 +82,20 @@ impl Identities {
     }
 }
 
+impl Identities {
+    /// The identity a sandbox directory was claimed for.
+    pub fn owner_of(&self, dir: &Path) -> Option<VmIdentity> {
+        let base = self.base?;
+        let uid = std::fs::metadata(dir).ok()?.uid();
+        (base..base.saturating_add(RANGE))
+            .contains(&uid)
+            .then_some(VmIdentity {
+                uid,
+                gid: self.kvm_gid.unwrap_or(uid),
+            })
+    }
+}
+
 /// Hand `path` to the VM's identity (no-op without one).
 pub fn give(path: &Path, id: VmIdentity) -> Result<()> {
     std::os::unix::fs::chown(path, Some(id.uid), Some(id.gid))

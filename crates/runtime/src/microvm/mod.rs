@@ -12,6 +12,8 @@
 pub mod accel;
 pub mod identity;
 pub mod initramfs;
+pub mod memsnap;
+pub mod persist;
 pub mod procs;
 pub mod qemu;
 pub mod qmp;
@@ -25,7 +27,7 @@ use async_trait::async_trait;
 use sandforge_api::Isolation;
 
 use crate::agent::AgentClient;
-use crate::backend::{Backend, Liveness, SandboxSpec};
+use crate::backend::{Backend, Liveness, SandboxSpec, StopReport};
 use crate::container::{rootfs::remove_sandbox_dir, runc::tail_of};
 use crate::error::{Result, RuntimeError};
 use crate::template::Template;
@@ -47,6 +49,8 @@ pub struct MicrovmConfig {
     pub virtiofsd: PathBuf,
     /// First uid of the range QEMU processes run as (0: as the daemon).
     pub uid_base: u32,
+    /// Where running VMs' RAM files live (a tmpfs, e.g. /dev/shm/sandforge).
+    pub mem_dir: PathBuf,
 }
 
 pub struct MicrovmBackend {
@@ -94,12 +98,35 @@ impl MicrovmBackend {
         } else {
             None
         };
+        std::fs::create_dir_all(&cfg.mem_dir)
+            .map_err(|e| RuntimeError::io("mkdir", &cfg.mem_dir, e))?;
         let ids = identity::Identities::new(cfg.uid_base);
         Ok(Self { cfg, tsc_khz, ids })
     }
 
     pub fn accel(&self) -> Accel {
         self.cfg.accel
+    }
+
+    /// The guest RAM file of a VM (on tmpfs while it runs).
+    fn mem_file(&self, spec: &SandboxSpec) -> PathBuf {
+        self.cfg.mem_dir.join(format!("{}.mem", spec.id))
+    }
+
+    /// An empty RAM file of the VM's size, owned by its QEMU's uid.
+    fn fresh_mem_file(
+        &self,
+        spec: &SandboxSpec,
+        owner: Option<identity::VmIdentity>,
+    ) -> Result<PathBuf> {
+        let p = self.mem_file(spec);
+        let f = std::fs::File::create(&p).map_err(|e| RuntimeError::io("create", &p, e))?;
+        f.set_len(spec.memory_mb << 20)
+            .map_err(|e| RuntimeError::io("truncate", &p, e))?;
+        if let Some(id) = owner {
+            identity::give(&p, id)?;
+        }
+        Ok(p)
     }
 
     /// A qcow2 overlay over the read-only base image; `size_mb` larger than
@@ -138,6 +165,7 @@ impl MicrovmBackend {
         disk: &Path,
         shares: Vec<virtiofs::Share>,
         owner: Option<identity::VmIdentity>,
+        incoming: bool,
     ) -> Result<std::process::Child> {
         let args = qemu::args(&qemu::VmArgs {
             accel: self.cfg.accel,
@@ -151,6 +179,8 @@ impl MicrovmBackend {
             tsc_khz: self.tsc_khz,
             shares,
             net: spec.net.clone(),
+            mem_path: self.mem_file(spec),
+            incoming,
         });
         let cmdline_len = args
             .iter()
@@ -205,9 +235,20 @@ impl MicrovmBackend {
         if let Some(lease) = &spec.net {
             crate::network::links::tap(lease, owner.map(|o| o.uid)).await?;
         }
-        let mut child = self.spawn_qemu(spec, &disk, shares, owner)?;
+        self.fresh_mem_file(spec, owner)?;
+        let child = self.spawn_qemu(spec, &disk, shares, owner, false)?;
+        self.wait_agent(spec, child, self.cfg.boot_timeout).await
+    }
+
+    /// Wait for the agent of a just started QEMU, for at most `timeout`.
+    async fn wait_agent(
+        &self,
+        spec: &SandboxSpec,
+        mut child: std::process::Child,
+        timeout: Duration,
+    ) -> Result<AgentClient> {
         let client = AgentClient::serial(qemu::agent_socket(&spec.dir));
-        let deadline = Instant::now() + self.cfg.boot_timeout;
+        let deadline = Instant::now() + timeout;
         let ready = loop {
             if let Ok(Some(status)) = child.try_wait() {
                 break Err(RuntimeError::AgentUnavailable(format!(
@@ -217,7 +258,7 @@ impl MicrovmBackend {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                break Err(RuntimeError::AgentTimeout(self.cfg.boot_timeout));
+                break Err(RuntimeError::AgentTimeout(timeout));
             }
             // One attempt for the whole boot window: the connection to QEMU's
             // socket succeeds at once and the request waits in the socket
@@ -230,7 +271,7 @@ impl MicrovmBackend {
                     client.reset().await;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                Err(_) => break Err(RuntimeError::AgentTimeout(self.cfg.boot_timeout)),
+                Err(_) => break Err(RuntimeError::AgentTimeout(timeout)),
             }
         };
         // Reap QEMU whenever it exits, so it never lingers as a zombie.
@@ -278,32 +319,7 @@ impl Backend for MicrovmBackend {
     }
 
     async fn destroy(&self, spec: &SandboxSpec) -> Result<()> {
-        if let Some(pid) = live_qemu(&spec.dir) {
-            // Ask politely, then make sure.
-            let _ = qmp::execute(&qemu::qmp_socket(&spec.dir), "quit", None).await;
-            for _ in 0..50 {
-                if live_qemu(&spec.dir).is_none() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            if live_qemu(&spec.dir).is_some() {
-                let _ = rustix::process::kill_process(
-                    rustix::process::Pid::from_raw(pid as i32)
-                        .ok_or_else(|| RuntimeError::Setup("bad pid".into()))?,
-                    rustix::process::Signal::Kill,
-                );
-                for _ in 0..250 {
-                    if live_qemu(&spec.dir).is_none() {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-            if live_qemu(&spec.dir).is_some() {
-                return Err(RuntimeError::Setup(format!("QEMU {pid} survived SIGKILL")));
-            }
-        }
+        kill_qemu(&spec.dir).await?;
         if let Some(lease) = &spec.net {
             crate::network::links::delete(&lease.iface).await;
         }
@@ -314,6 +330,7 @@ impl Backend for MicrovmBackend {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let _ = std::fs::remove_file(self.mem_file(spec));
         remove_sandbox_dir(&spec.dir)
     }
 
@@ -327,4 +344,132 @@ impl Backend for MicrovmBackend {
             .filter_map(|e| e.file_name().into_string().ok())
             .collect())
     }
+
+    async fn pause(&self, spec: &SandboxSpec) -> Result<()> {
+        qmp::execute(&qemu::qmp_socket(&spec.dir), "stop", None)
+            .await
+            .map(|_| ())
+    }
+
+    /// Also undoes a stop cut short by a supervisor crash: a migration
+    /// still winding down is cancelled, and `cont` is retried until the
+    /// vCPUs run.
+    async fn resume(&self, spec: &SandboxSpec) -> Result<()> {
+        let sock = qemu::qmp_socket(&spec.dir);
+        let _ = qmp::execute(&sock, "migrate_cancel", None).await;
+        let st = qmp::execute(&sock, "query-status", None).await?;
+        if st["status"] == "postmigrate" {
+            // Its state went out completely: resuming this QEMU leaves the
+            // serial channel unusable, so the stop must be finished instead.
+            return Err(RuntimeError::Unsupported(
+                "the VM's state was migrated out; finish the stop".into(),
+            ));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = qmp::execute(&sock, "query-status", None).await?;
+            if st["status"] == "running" {
+                return Ok(());
+            }
+            let _ = qmp::execute(&sock, "cont", None).await;
+            if Instant::now() > deadline {
+                return Err(RuntimeError::Setup(format!("the VM does not resume: {st}")));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn stop(&self, spec: &SandboxSpec) -> Result<StopReport> {
+        if !spec.mounts.is_empty() {
+            return Err(RuntimeError::Unsupported(
+                "a microVM with host mounts cannot be stopped (QEMU cannot migrate virtio-fs)"
+                    .into(),
+            ));
+        }
+        let owner = self.ids.owner_of(&spec.dir);
+        let previous =
+            memsnap::load(&spec.dir).map_err(|e| RuntimeError::io("read", &spec.dir, e))?;
+        let n = previous.as_ref().map_or(0, |m| m.layers.len());
+        let qmp_sock = qemu::qmp_socket(&spec.dir);
+        let status = qmp::execute(&qmp_sock, "query-status", None).await?;
+        let state = if status["status"] == "postmigrate" {
+            // A stop cut short after its migration: that device state is
+            // on disk already (QEMU refuses to migrate twice), and the RAM
+            // file has not changed since.
+            let name = format!("state.{n}");
+            if !memsnap::dir(&spec.dir).join(&name).is_file() {
+                return Err(RuntimeError::Setup(
+                    "an interrupted stop left no device state".into(),
+                ));
+            }
+            name
+        } else {
+            persist::save_device_state(&spec.dir, &qmp_sock, owner, n).await?
+        };
+        // QEMU stays (paused) until the snapshot is durable: a crash before
+        // that leaves a VM the next start simply resumes.
+        let mem = self.mem_file(spec);
+        let mut m = memsnap::add_layer(&spec.dir, &mem, previous.as_ref())
+            .map_err(|e| RuntimeError::io("snapshot", &mem, e))?;
+        let old_state = m.device_state.replace(state);
+        memsnap::save_manifest(&spec.dir, &m)
+            .map_err(|e| RuntimeError::io("write", &spec.dir, e))?;
+        crate::backend::mark_stopped(&spec.dir)?;
+        kill_qemu(&spec.dir).await?;
+        if let Some(old) = old_state {
+            let _ = std::fs::remove_file(memsnap::dir(&spec.dir).join(old));
+        }
+        let _ = std::fs::remove_file(&mem);
+        let layer = m.layers.last().map_or(0, |l| l.bytes);
+        Ok(StopReport {
+            kind: if n == 0 { "memory-full" } else { "memory-diff" },
+            bytes: layer,
+        })
+    }
+
+    async fn restart(&self, spec: &SandboxSpec) -> Result<AgentClient> {
+        let m = memsnap::load(&spec.dir)
+            .map_err(|e| RuntimeError::io("read", &spec.dir, e))?
+            .ok_or_else(|| RuntimeError::Setup("no snapshot to start from".into()))?;
+        let owner = self.ids.owner_of(&spec.dir);
+        let mem = self.mem_file(spec);
+        memsnap::restore(&spec.dir, &m, &mem).map_err(|e| RuntimeError::io("restore", &mem, e))?;
+        if let Some(id) = owner {
+            identity::give(&mem, id)?;
+        }
+        let disk = spec.dir.join("disk.qcow2");
+        let child = self.spawn_qemu(spec, &disk, vec![], owner, true)?;
+        if let Err(e) =
+            persist::load_device_state(&spec.dir, &qemu::qmp_socket(&spec.dir), &m).await
+        {
+            let _ = kill_qemu(&spec.dir).await;
+            return Err(e);
+        }
+        self.wait_agent(spec, child, Duration::from_secs(30)).await
+    }
+}
+
+/// End the sandbox's QEMU: QMP `quit`, then SIGKILL if it is still there.
+async fn kill_qemu(dir: &Path) -> Result<()> {
+    let Some(pid) = live_qemu(dir) else {
+        return Ok(());
+    };
+    // Ask politely, then make sure.
+    let _ = qmp::execute(&qemu::qmp_socket(dir), "quit", None).await;
+    for _ in 0..50 {
+        if live_qemu(dir).is_none() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::Kill);
+    }
+    for _ in 0..250 {
+        if live_qemu(dir).is_none() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(RuntimeError::Setup(format!("QEMU {pid} survived SIGKILL")))
 }

@@ -30,6 +30,10 @@ pub struct VmArgs {
     /// A virtio-net NIC with the guest's lease (`nat`); QEMU gets the
     /// tap as an open file descriptor, number [`TAP_FD`].
     pub net: Option<crate::network::Lease>,
+    /// The guest RAM file (shared, so snapshots can skip RAM in migration).
+    pub mem_path: PathBuf,
+    /// Wait for a migration stream (`-incoming defer`): a restore.
+    pub incoming: bool,
 }
 
 /// x86 `COMMAND_LINE_SIZE` is 2048 bytes, with the terminating NUL.
@@ -99,7 +103,11 @@ pub fn args(a: &VmArgs) -> Vec<String> {
         "-m".into(),
         format!("{}M", a.memory_mb),
         "-object".into(),
-        format!("memory-backend-memfd,id=mem,size={}M,share=on", a.memory_mb),
+        format!(
+            "memory-backend-file,id=mem,size={}M,mem-path={},share=on",
+            a.memory_mb,
+            d(a.mem_path.clone())
+        ),
         "-nodefaults".into(),
         // virtio 1.x transport: vhost-user-fs (and virtiofsd) require it.
         "-global".into(),
@@ -156,6 +164,9 @@ pub fn args(a: &VmArgs) -> Vec<String> {
             ),
         ]);
     }
+    if a.incoming {
+        v.extend(["-incoming".into(), "defer".into()]);
+    }
     v.extend([
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", d(qmp_socket(&a.dir))),
@@ -199,12 +210,15 @@ mod tests {
             tsc_khz: Some(2_000_000),
             shares: vec![],
             net: None,
+            mem_path: "/dev/shm/sf/sb.mem".into(),
+            incoming: false,
         };
         let v = args(&a);
         let joined = v.join(" ");
         assert!(joined.contains("-accel tcg,thread=multi"));
         assert!(joined.contains("-smp 2 -m 512M"));
-        assert!(joined.contains("size=512M,share=on"));
+        assert!(joined.contains("size=512M,mem-path=/dev/shm/sf/sb.mem,share=on"));
+        assert!(!joined.contains("-incoming"));
         assert!(joined.contains("socket,id=agent,path=/s/sb/agent.sock,server=on,wait=off"));
         assert!(joined.contains("-qmp unix:/s/sb/qmp.sock"));
         assert!(joined.contains("-sandbox on,"));

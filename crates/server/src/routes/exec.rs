@@ -27,7 +27,7 @@ use crate::AppState;
 const GRACE: Duration = Duration::from_secs(15);
 
 async fn start(st: &AppState, org: &str, id: &str, v: &ValidExec) -> Result<ExecStream, ApiError> {
-    let agent = st.controller.agent(org, id)?;
+    let agent = st.controller.agent(org, id).await?;
     let row = st.controller.get(org, id)?;
     let mut env = row.spec.env.clone();
     env.extend(v.env.clone());
@@ -103,6 +103,7 @@ pub async fn execute(
 ) -> Result<Json<ExecuteResponse>, ApiError> {
     let v = req.validate()?;
     let stream = start(&st, &caller.org, &id, &v).await?;
+    let _busy = st.controller.busy(&id);
     Ok(Json(buffered(&st, &id, stream, v.timeout_seconds).await?))
 }
 
@@ -119,10 +120,11 @@ pub async fn exec(
         .and_then(|a| a.to_str().ok())
         .is_some_and(|a| a.contains("application/x-ndjson"));
     let stream = start(&st, &caller.org, &id, &v).await?;
+    let busy = st.controller.busy(&id);
     if !ndjson {
         return Ok(Json(buffered(&st, &id, stream, v.timeout_seconds).await?).into_response());
     }
-    let body = Body::from_stream(ndjson_lines(stream));
+    let body = Body::from_stream(ndjson_lines(stream, busy));
     Ok((
         [
             (header::CONTENT_TYPE, "application/x-ndjson"),
@@ -136,14 +138,17 @@ pub async fn exec(
 /// Turn agent frames into ndjson lines, one per frame, as they arrive.
 fn ndjson_lines(
     stream: ExecStream,
+    busy: crate::lifecycle::Busy,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> {
     struct S {
+        _busy: crate::lifecycle::Busy,
         stream: ExecStream,
         out: Utf8Carry,
         err: Utf8Carry,
         done: bool,
     }
     let init = S {
+        _busy: busy,
         stream,
         out: Utf8Carry::default(),
         err: Utf8Carry::default(),

@@ -124,7 +124,7 @@ async fn call(
     q: &FileQuery,
     body: Option<ReqBody>,
 ) -> Result<http::Response<hyper::body::Incoming>, ApiError> {
-    let agent = st.controller.agent(&caller.org, id)?;
+    let agent = st.controller.agent(&caller.org, id).await?;
     let resp = match agent.files(method, q, body).await {
         Ok(r) => r,
         Err(e) => return Err(st.controller.agent_failed(id, e).await),

@@ -28,6 +28,11 @@ fn api() -> Router<AppState> {
                 .delete(sandboxes::destroy),
         )
         .route("/sandboxes/{id}/console", get(sandboxes::console))
+        .route("/sandboxes/{id}/wake", post(sandboxes::wake))
+        .route("/sandboxes/{id}/keepalive", post(sandboxes::keepalive))
+        .route("/sandboxes/{id}/stop", post(sandboxes::stop))
+        .route("/sandboxes/{id}/start", post(sandboxes::start))
+        .route("/sandboxes/{id}/events", get(sandboxes::events))
         .route("/sandboxes/{id}/ws", get(terminal::ws))
         .route("/sandboxes/{id}/sessions", get(terminal::sessions))
         .route("/sandboxes/{id}/ports", get(ports::ports))

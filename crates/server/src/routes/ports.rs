@@ -47,7 +47,7 @@ pub async fn ports(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<PortEntry>>, ApiError> {
-    let agent = st.controller.agent(&caller.org, &id)?;
+    let agent = st.controller.agent(&caller.org, &id).await?;
     match agent.ports().await {
         Ok(p) => Ok(Json(entries(&id, p, false))),
         Err(e) => Err(st.controller.agent_failed(&id, e).await),
@@ -64,7 +64,7 @@ pub async fn all_ports(
         .controller
         .list(&caller.org, Some(sandforge_api::SandboxStatus::Running))?
     {
-        if let Ok(agent) = st.controller.agent(&caller.org, &sb.id) {
+        if let Ok(agent) = st.controller.running_agent(&caller.org, &sb.id) {
             if let Ok(p) = agent.ports().await {
                 out.extend(entries(&sb.id, p, true));
             }
@@ -101,8 +101,9 @@ pub async fn proxy(
     });
     let (parts, body) = req.into_parts();
     let caller = caller_of_request(&st, &parts, token.as_deref())?;
-    let agent = st.controller.agent(&caller.org, &id)?;
+    let agent = st.controller.agent(&caller.org, &id).await?;
     let target = proxy::target(&path, parts.uri.query());
+    let _busy = st.controller.busy(&id);
     proxy::forward(&agent, port, Request::from_parts(parts, body), &target).await
 }
 
@@ -147,7 +148,7 @@ pub async fn published(State(st): State<AppState>, req: Request<Body>) -> Respon
         .to_string();
     let result = async {
         let rule = st.controller.rule_for_host(&host)?;
-        let agent = st.controller.agent_of(&rule.sandbox_id)?;
+        let agent = st.controller.agent_of(&rule.sandbox_id).await?;
         let target = req
             .uri()
             .path_and_query()

@@ -50,6 +50,49 @@ pub async fn get_one(
     Ok(Json(st.controller.to_api(&row)))
 }
 
+/// `POST /sandboxes/{id}/wake`: 200 when it runs (also if it already did).
+pub async fn wake(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Sandbox>, ApiError> {
+    Ok(Json(st.controller.wake(&caller.org, &id).await?))
+}
+
+pub async fn keepalive(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<sandforge_api::Keepalive>,
+) -> Result<Json<Sandbox>, ApiError> {
+    Ok(Json(st.controller.keepalive(&caller.org, &id, req).await?))
+}
+
+pub async fn stop(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<crate::lifecycle::StopResult>, ApiError> {
+    Ok(Json(st.controller.stop(&caller.org, &id).await?))
+}
+
+pub async fn start(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Sandbox>, ApiError> {
+    Ok(Json(st.controller.start(&caller.org, &id).await?))
+}
+
+/// `GET /sandboxes/{id}/events`: every status change, oldest first.
+pub async fn events(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<crate::lifecycle::Transition>>, ApiError> {
+    Ok(Json(st.controller.transitions(&caller.org, &id)?))
+}
+
 /// `PATCH /sandboxes/{id}`: change mutable properties (the egress policy).
 pub async fn patch(
     State(st): State<AppState>,

@@ -54,7 +54,7 @@ pub async fn sessions(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<ApiSession>>, ApiError> {
-    let agent = st.controller.agent(&caller.org, &id)?;
+    let agent = st.controller.agent(&caller.org, &id).await?;
     let list = match agent.sessions().await {
         Ok(l) => l,
         Err(e) => return Err(st.controller.agent_failed(&id, e).await),
@@ -166,7 +166,7 @@ pub async fn ws(
             format!("this route is a WebSocket: {}", e.body_text()),
         )
     })?;
-    let agent = st.controller.agent(&caller.org, &id)?;
+    let agent = st.controller.agent(&caller.org, &id).await?;
     let size = Resize {
         rows: q.rows.unwrap_or(24),
         cols: q.cols.unwrap_or(80),
@@ -207,7 +207,11 @@ pub async fn ws(
     if q.session.is_some() && (q.rows.is_some() || q.cols.is_some()) {
         let _ = attachment.input.send(Frame::Resize(size)).await;
     }
-    Ok(upgrade.on_upgrade(move |socket| pump(socket, attachment)))
+    let busy = st.controller.busy(&id);
+    Ok(upgrade.on_upgrade(move |socket| async move {
+        let _busy = busy;
+        pump(socket, attachment).await
+    }))
 }
 
 #[derive(Deserialize)]
