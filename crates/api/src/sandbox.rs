@@ -129,6 +129,10 @@ pub struct CreateSandbox {
     /// Never suspended by the thermal manager (seed 002).
     #[serde(default)]
     pub keep_hot: Option<bool>,
+    /// Fork: a new, independent sandbox from this named snapshot (seed
+    /// 003); its configuration comes from the snapshot.
+    #[serde(default)]
+    pub snapshot_id: Option<String>,
 }
 
 /// A create request with defaults applied and every field checked.

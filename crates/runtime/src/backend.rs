@@ -5,7 +5,7 @@
 //! status live in the server's database.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use sandforge_api::{Isolation, Network};
@@ -111,4 +111,12 @@ pub trait Backend: Send + Sync {
 
     /// Bring a stopped sandbox back; returns once its agent answers.
     async fn restart(&self, spec: &SandboxSpec) -> Result<AgentClient>;
+
+    /// Copy the sandbox's state into `dest` (a new directory). A microVM
+    /// must be stopped; a container is frozen for the copy if it runs.
+    async fn save_to(&self, spec: &SandboxSpec, dest: &Path) -> Result<()>;
+
+    /// Replace the state of a stopped (or not yet created) sandbox with the
+    /// one saved in `src`; [`Backend::restart`] then runs it from there.
+    async fn load_from(&self, spec: &SandboxSpec, src: &Path) -> Result<()>;
 }

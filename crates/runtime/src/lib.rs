@@ -13,6 +13,7 @@ pub mod container;
 pub mod error;
 pub mod microvm;
 pub mod network;
+pub mod snapshot;
 pub mod template;
 pub mod terminal;
 pub mod tunnel;

@@ -33,7 +33,7 @@ pub struct Controller {
     /// Sandbox networking, when the host supports it.
     pub(crate) network: Option<Arc<sandforge_runtime::network::Network>>,
     /// Held from choosing a network slot until the row holding it is stored.
-    net_alloc: tokio::sync::Mutex<()>,
+    pub(crate) net_alloc: tokio::sync::Mutex<()>,
     backends: HashMap<&'static str, Arc<dyn Backend>>,
     /// Agent clients of running sandboxes.
     pub(crate) live: Mutex<HashMap<String, AgentClient>>,
@@ -44,7 +44,7 @@ pub struct Controller {
     started: Instant,
 }
 
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
     let mut rng = rand::thread_rng();
     let s: String = (0..12)
@@ -261,6 +261,9 @@ impl Controller {
     }
 
     pub async fn create(&self, org: &str, req: CreateSandbox) -> Result<Sandbox, ApiError> {
+        if req.snapshot_id.is_some() {
+            return self.fork(org, req).await;
+        }
         let v = req.validate()?;
         let isolation = v.isolation.unwrap_or(self.default_isolation);
         let backend = self.backend(isolation)?;

@@ -4,7 +4,9 @@
 //! into runtimes.
 
 mod publish;
+mod snapshots;
 pub use publish::{PublishRule, Taken};
+pub use snapshots::SnapshotRow;
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -32,6 +34,16 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     updated_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sandboxes_org ON sandboxes(org, status);
+CREATE TABLE IF NOT EXISTS snapshots (
+    id TEXT PRIMARY KEY,
+    sandbox_id TEXT NOT NULL,
+    org TEXT NOT NULL,
+    name TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    memory INTEGER NOT NULL,
+    spec TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS publish (
     id TEXT PRIMARY KEY,
     sandbox_id TEXT NOT NULL,

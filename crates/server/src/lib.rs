@@ -21,6 +21,7 @@ mod proxy;
 mod publish;
 mod routes;
 mod sessions;
+mod snapshots;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -288,6 +288,28 @@ impl Backend for ContainerBackend {
         })
     }
 
+    async fn save_to(&self, spec: &SandboxSpec, dest: &Path) -> Result<()> {
+        std::fs::create_dir_all(dest).map_err(io("mkdir", dest))?;
+        let frozen = self.runc.freeze(&spec.id, true).await.is_ok();
+        let r = crate::snapshot::copy_tree(&Paths::of(&spec.dir).upper, &dest.join("upper")).await;
+        if frozen {
+            self.runc.freeze(&spec.id, false).await?;
+        }
+        r
+    }
+
+    async fn load_from(&self, spec: &SandboxSpec, src: &Path) -> Result<()> {
+        let p = Paths::of(&spec.dir);
+        for d in [&p.upper, &p.work] {
+            if d.exists() {
+                std::fs::remove_dir_all(d).map_err(io("remove", d))?;
+            }
+        }
+        std::fs::create_dir_all(&spec.dir).map_err(io("mkdir", &spec.dir))?;
+        crate::snapshot::copy_tree(&src.join("upper"), &p.upper).await?;
+        crate::backend::mark_stopped(&spec.dir)
+    }
+
     async fn restart(&self, spec: &SandboxSpec) -> Result<AgentClient> {
         match self.setup(spec).await {
             Ok(c) => Ok(c),

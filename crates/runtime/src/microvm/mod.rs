@@ -427,6 +427,51 @@ impl Backend for MicrovmBackend {
         })
     }
 
+    async fn save_to(&self, spec: &SandboxSpec, dest: &Path) -> Result<()> {
+        if live_qemu(&spec.dir).is_some() {
+            return Err(RuntimeError::Setup("stop the VM before copying it".into()));
+        }
+        std::fs::create_dir_all(dest).map_err(|e| RuntimeError::io("mkdir", dest, e))?;
+        crate::snapshot::copy_tree(&spec.dir.join("disk.qcow2"), &dest.join("disk.qcow2")).await?;
+        crate::snapshot::link_or_copy_dir(
+            &memsnap::dir(&spec.dir),
+            &dest.join("snap"),
+            crate::snapshot::immutable,
+        )
+    }
+
+    async fn load_from(&self, spec: &SandboxSpec, src: &Path) -> Result<()> {
+        if live_qemu(&spec.dir).is_some() {
+            return Err(RuntimeError::Setup(
+                "stop the VM before replacing its state".into(),
+            ));
+        }
+        let owner = match self.ids.owner_of(&spec.dir) {
+            Some(o) => Some(o),
+            None => self.ids.claim(&self.cfg.sandboxes_dir, &spec.dir)?,
+        };
+        let disk = spec.dir.join("disk.qcow2");
+        let _ = std::fs::remove_file(&disk);
+        crate::snapshot::copy_tree(&src.join("disk.qcow2"), &disk).await?;
+        if let Some(id) = owner {
+            identity::give(&disk, id)?;
+        }
+        let snap = memsnap::dir(&spec.dir);
+        if snap.exists() {
+            std::fs::remove_dir_all(&snap).map_err(|e| RuntimeError::io("remove", &snap, e))?;
+        }
+        crate::snapshot::link_or_copy_dir(&src.join("snap"), &snap, crate::snapshot::immutable)?;
+        if let Some(lease) = &spec.net {
+            if !std::path::Path::new("/sys/class/net")
+                .join(&lease.iface)
+                .exists()
+            {
+                crate::network::links::tap(lease, owner.map(|o| o.uid)).await?;
+            }
+        }
+        crate::backend::mark_stopped(&spec.dir)
+    }
+
     async fn restart(&self, spec: &SandboxSpec) -> Result<AgentClient> {
         let m = memsnap::load(&spec.dir)
             .map_err(|e| RuntimeError::io("read", &spec.dir, e))?

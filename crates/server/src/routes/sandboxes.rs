@@ -84,6 +84,51 @@ pub async fn start(
     Ok(Json(st.controller.start(&caller.org, &id).await?))
 }
 
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+pub async fn take_snapshot(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<SnapshotRequest>,
+) -> Result<(StatusCode, Json<crate::db::SnapshotRow>), ApiError> {
+    let s = st
+        .controller
+        .take_snapshot(&caller.org, &id, req.name)
+        .await?;
+    Ok((StatusCode::CREATED, Json(s)))
+}
+
+pub async fn snapshots(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<crate::db::SnapshotRow>>, ApiError> {
+    Ok(Json(st.controller.snapshots(&caller.org, &id)?))
+}
+
+pub async fn rollback(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((id, sid)): Path<(String, String)>,
+) -> Result<Json<Sandbox>, ApiError> {
+    Ok(Json(st.controller.rollback(&caller.org, &id, &sid).await?))
+}
+
+pub async fn delete_snapshot(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((id, sid)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    st.controller.delete_snapshot(&caller.org, &id, &sid)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// `GET /sandboxes/{id}/events`: every status change, oldest first.
 pub async fn events(
     State(st): State<AppState>,

@@ -1,0 +1,267 @@
+//! Named snapshots, rollback and fork (seed 003), on top of the backends'
+//! `save_to` / `load_from` and the lifecycle's stop/start: a microVM is
+//! stopped for the copy (its memory chain and disk are the snapshot; it is
+//! started again after), a container is frozen for the copy of its
+//! writable layer. Rollback stops the sandbox, loads the snapshot's state
+//! and starts it. A fork is a new sandbox, with its own id, directory, uid
+//! and (for containers) network, loaded from the snapshot and started.
+//! Snapshots outlive their sandbox (forks need them) until deleted.
+
+use http::StatusCode;
+use rand::Rng;
+use sandforge_api::sandbox::validate_name;
+use sandforge_api::{CreateSandbox, Isolation, Network, Sandbox, SandboxStatus};
+use sandforge_runtime::snapshot;
+
+use crate::controller::{new_id, not_running, Controller};
+use crate::db::{now, SandboxRow, SnapshotRow};
+use crate::error::ApiError;
+
+fn snapshot_id() -> String {
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::thread_rng();
+    let s: String = (0..12)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("snap_{s}")
+}
+
+impl Controller {
+    fn snapshot_dir(&self, sid: &str) -> std::path::PathBuf {
+        self.cfg.state_dir.join("snapshots").join(sid)
+    }
+
+    /// A snapshot of `org`'s sandbox `id`: 404 otherwise.
+    fn snapshot_of(&self, org: &str, id: &str, sid: &str) -> Result<SnapshotRow, ApiError> {
+        self.db
+            .get_snapshot(sid)?
+            .filter(|s| s.org == org && s.sandbox_id == id)
+            .ok_or_else(|| ApiError::not_found("snapshot", sid))
+    }
+
+    fn can_run(row: &SandboxRow) -> Result<(), ApiError> {
+        match row.status {
+            SandboxStatus::Running | SandboxStatus::Suspended | SandboxStatus::Stopped => Ok(()),
+            _ => Err(not_running(row)),
+        }
+    }
+
+    /// `POST /sandboxes/{id}/snapshots`.
+    pub async fn take_snapshot(
+        &self,
+        org: &str,
+        id: &str,
+        name: Option<String>,
+    ) -> Result<SnapshotRow, ApiError> {
+        if let Some(n) = &name {
+            validate_name("name", n)?;
+        }
+        let row = self.get(org, id)?;
+        Self::can_run(&row)?;
+        let vm = row.spec.isolation == Isolation::Microvm;
+        let restart = vm && row.status != SandboxStatus::Stopped;
+        if restart {
+            self.stop(org, id).await?;
+        }
+        let sid = snapshot_id();
+        let dest = self.snapshot_dir(&sid);
+        let result = async {
+            let lock = self.op_lock(id);
+            let _guard = lock.lock().await;
+            let row = self.get(org, id)?;
+            let backend = self.backend(row.spec.isolation)?;
+            let spec = self.spec_for(&row)?;
+            let tmp = snapshot::staging(&dest);
+            let _ = std::fs::remove_dir_all(&tmp);
+            let saved = backend.save_to(&spec, &tmp).await;
+            if let Err(e) = saved {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(ApiError::from(e));
+            }
+            snapshot::publish(&dest)?;
+            let s = SnapshotRow {
+                id: sid.clone(),
+                sandbox_id: id.to_string(),
+                org: org.to_string(),
+                name: name.unwrap_or_else(|| sid.clone()),
+                size_bytes: snapshot::disk_usage(&dest),
+                memory: vm,
+                spec: row.spec.clone(),
+                created_at: now(),
+            };
+            self.db.insert_snapshot(&s)?;
+            Ok(s)
+        }
+        .await;
+        if restart {
+            self.wake(org, id).await?;
+        }
+        result
+    }
+
+    pub fn snapshots(&self, org: &str, id: &str) -> Result<Vec<SnapshotRow>, ApiError> {
+        self.get(org, id)?;
+        Ok(self.db.list_snapshots(id)?)
+    }
+
+    pub fn delete_snapshot(&self, org: &str, id: &str, sid: &str) -> Result<(), ApiError> {
+        let s = self.snapshot_of(org, id, sid)?;
+        let dir = self.snapshot_dir(&s.id);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| ApiError::internal(format!("removing {}: {e}", dir.display())))?;
+        }
+        Ok(self.db.delete_snapshot(&s.id)?)
+    }
+
+    /// `POST /sandboxes/{id}/snapshots/{sid}/rollback`.
+    pub async fn rollback(&self, org: &str, id: &str, sid: &str) -> Result<Sandbox, ApiError> {
+        let s = self.snapshot_of(org, id, sid)?;
+        let row = self.get(org, id)?;
+        Self::can_run(&row)?;
+        if row.status != SandboxStatus::Stopped {
+            self.stop(org, id).await?;
+        }
+        {
+            let lock = self.op_lock(id);
+            let _guard = lock.lock().await;
+            let row = self.get(org, id)?;
+            let backend = self.backend(row.spec.isolation)?;
+            let spec = self.spec_for(&row)?;
+            backend.load_from(&spec, &self.snapshot_dir(&s.id)).await?;
+            self.db.set_status(
+                id,
+                SandboxStatus::Stopped,
+                Some(&format!("rolled back to {sid}")),
+            )?;
+        }
+        self.wake(org, id).await
+    }
+
+    /// `POST /sandboxes` with `snapshot_id`: a new sandbox from a snapshot.
+    pub(crate) async fn fork(&self, org: &str, req: CreateSandbox) -> Result<Sandbox, ApiError> {
+        let sid = req.snapshot_id.clone().unwrap_or_default();
+        let given = [
+            ("cpu", req.cpu.is_some() || req.cpus.is_some()),
+            ("memory_mb", req.memory_mb.is_some()),
+            ("disk_mb", req.disk_mb.is_some()),
+            (
+                "template",
+                req.template.is_some() || req.template_id.is_some(),
+            ),
+            ("mounts", !req.mounts.is_empty()),
+            ("network", req.network.is_some()),
+            (
+                "egress",
+                req.egress.is_some() || req.network_policy.is_some(),
+            ),
+            ("init", req.init.is_some()),
+            ("env", !req.env.is_empty()),
+        ];
+        if let Some((field, _)) = given.iter().find(|(_, set)| *set) {
+            return Err(ApiError::bad_request(
+                field,
+                "a fork takes this from its snapshot (only name, metadata, isolation (the snapshot's), mode, timeout, idle_timeout and keep_hot may be given)",
+            ));
+        }
+        let lifecycle = sandforge_api::Lifecycle::validate(
+            req.mode,
+            req.timeout.as_deref(),
+            req.idle_timeout.as_deref(),
+            req.keep_hot,
+        )?;
+        if let Some(n) = &req.name {
+            validate_name("name", n)?;
+            if self.db.name_in_use(org, n)? {
+                return Err(ApiError::conflict(
+                    "name_in_use",
+                    format!("name: '{n}' is already used"),
+                )
+                .field("name"));
+            }
+        }
+        let snap = self
+            .db
+            .get_snapshot(&sid)?
+            .filter(|s| s.org == org)
+            .ok_or_else(|| ApiError::not_found("snapshot", &sid).field("snapshot_id"))?;
+        if req.isolation.is_some_and(|i| i != snap.spec.isolation) {
+            return Err(ApiError::bad_request(
+                "isolation",
+                format!(
+                    "the snapshot is of a {} sandbox",
+                    snap.spec.isolation.as_str()
+                ),
+            ));
+        }
+        if snap.memory && snap.spec.network == Network::Nat {
+            return Err(ApiError::conflict(
+                "unsupported",
+                "forking a networked microVM is not supported (its guest keeps the parent's address); fork an offline one",
+            )
+            .field("snapshot_id"));
+        }
+        let id = new_id();
+        let mut spec = snap.spec.clone();
+        spec.lifecycle = lifecycle;
+        spec.expires_at = spec
+            .lifecycle
+            .timeout_secs
+            .map(|t| chrono::Utc::now().timestamp() + t as i64);
+        spec.metadata = req.metadata.clone();
+        spec.net_slot = None;
+        let ts = now();
+        let mut row = SandboxRow {
+            id: id.clone(),
+            org: org.to_string(),
+            name: req.name.clone().unwrap_or_else(|| id.replace('_', "-")),
+            status: SandboxStatus::Creating,
+            status_reason: Some(format!("forked from {sid}")),
+            spec,
+            created_at: ts.clone(),
+            updated_at: ts,
+        };
+        let backend = self.backend(row.spec.isolation)?;
+        let lock = self.op_lock(&id);
+        let _guard = lock.lock().await;
+        {
+            let _slot = self.net_alloc.lock().await;
+            if row.spec.network == Network::Nat {
+                row.spec.net_slot = Some(self.free_slot()?);
+            }
+            self.db.insert_sandbox(&row)?;
+        }
+        let spec = self.spec_for(&row)?;
+        let started = async {
+            self.net_attach(&row).await?;
+            backend.load_from(&spec, &self.snapshot_dir(&sid)).await?;
+            Ok::<_, ApiError>(backend.restart(&spec).await?)
+        }
+        .await;
+        match started {
+            Ok(client) => {
+                let _ = std::fs::remove_file(sandforge_runtime::backend::stopped_marker(&spec.dir));
+                self.set_live(&id, client);
+                self.db.set_status(
+                    &id,
+                    SandboxStatus::Running,
+                    Some(&format!("forked from {sid}")),
+                )?;
+                self.touch(&id);
+            }
+            Err(e) => {
+                let _ = backend.destroy(&spec).await;
+                let _ = self.net_detach(&row).await;
+                let reason = format!("fork failed: {}", e.message);
+                self.db
+                    .set_status(&id, SandboxStatus::Failed, Some(&reason))?;
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "start_failed",
+                    reason,
+                ));
+            }
+        }
+        Ok(self.to_api(&self.get(org, &id)?))
+    }
+}

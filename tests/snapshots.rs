@@ -1,0 +1,150 @@
+//! Named snapshots through the real API, on the backend the run targets:
+//! take one, change the sandbox, roll back (the file returns to its
+//! snapshot content; a VM's processes and memory too), fork a new sandbox
+//! from it (it sees the parent's state, then the two diverge), the errors,
+//! and delete.
+
+use reqwest::{Method, StatusCode};
+use sandforge_tests::{vm, Daemon};
+use serde_json::{json, Value};
+
+async fn post(d: &Daemon, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    d.call(Method::POST, path, body).await
+}
+
+#[tokio::test]
+async fn snapshots_roll_back_and_fork() {
+    let d = Daemon::start().await;
+    let id = d
+        .create_id(json!({"memory_mb": 256, "network": "offline"}))
+        .await;
+    d.sh_ok(&id, "echo v1 > /root/f").await;
+    if vm() {
+        d.sh_ok(
+            &id,
+            "mkdir -p /mnt/mem && mount -t tmpfs none /mnt/mem && echo mem-v1 > /mnt/mem/m && (nohup sleep 4343 >/dev/null 2>&1 &)",
+        )
+        .await;
+    }
+    let (s, snap) = post(
+        &d,
+        &format!("/v1/sandboxes/{id}/snapshots"),
+        Some(json!({"name": "v1"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{snap}");
+    let sid = snap["id"].as_str().unwrap().to_string();
+    assert!(sid.starts_with("snap_"));
+    assert_eq!(
+        (snap["name"].as_str(), snap["memory"].as_bool()),
+        (Some("v1"), Some(vm()))
+    );
+    assert!(snap["size_bytes"].as_u64().unwrap() > 0);
+    // The sandbox runs on after the snapshot.
+    d.sh_ok(&id, "echo v2 > /root/f").await;
+    if vm() {
+        d.sh_ok(&id, "echo mem-v2 > /mnt/mem/m; pkill -f '^sleep 4343'")
+            .await;
+    }
+    let (_, list) = d
+        .call(Method::GET, &format!("/v1/sandboxes/{id}/snapshots"), None)
+        .await;
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+
+    // Rollback.
+    let (s, v) = post(
+        &d,
+        &format!("/v1/sandboxes/{id}/snapshots/{sid}/rollback"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, v["status"].as_str()),
+        (StatusCode::OK, Some("running")),
+        "{v}"
+    );
+    assert_eq!(d.sh_ok(&id, "cat /root/f").await, "v1\n");
+    if vm() {
+        assert_eq!(d.sh_ok(&id, "cat /mnt/mem/m").await, "mem-v1\n");
+        assert_eq!(
+            d.sh(&id, "pgrep -f '^sleep 4343'").await["exit_code"],
+            0,
+            "process not back"
+        );
+    }
+
+    // Fork: its own sandbox with the snapshot's state; then they diverge.
+    let (s, fork) = post(
+        &d,
+        "/v1/sandboxes",
+        Some(json!({"snapshot_id": sid, "name": "forked"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{fork}");
+    let fid = fork["id"].as_str().unwrap().to_string();
+    assert_ne!(fid, id);
+    assert_eq!(fork["isolation"], sandforge_tests::isolation());
+    assert_eq!(d.sh_ok(&fid, "cat /root/f").await, "v1\n");
+    if vm() {
+        assert_eq!(d.sh_ok(&fid, "cat /mnt/mem/m").await, "mem-v1\n");
+    }
+    d.sh_ok(&fid, "echo fork-only > /root/f").await;
+    d.sh_ok(&id, "echo parent-only > /root/f").await;
+    assert_eq!(d.sh_ok(&fid, "cat /root/f").await, "fork-only\n");
+    assert_eq!(d.sh_ok(&id, "cat /root/f").await, "parent-only\n");
+
+    // Errors.
+    let (s, v) = post(
+        &d,
+        "/v1/sandboxes",
+        Some(json!({"snapshot_id": sid, "memory_mb": 1024})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("memory_mb")),
+        "{v}"
+    );
+    let (s, v) = post(
+        &d,
+        "/v1/sandboxes",
+        Some(json!({"snapshot_id": "snap_nope"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let (s, _) = post(
+        &d,
+        &format!("/v1/sandboxes/{id}/snapshots/snap_nope/rollback"),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, v) = post(
+        &d,
+        &format!("/v1/sandboxes/{id}/snapshots"),
+        Some(json!({"name": "bad name!"})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("name")),
+        "{v}"
+    );
+
+    // Delete.
+    let (s, _) = d
+        .call(
+            Method::DELETE,
+            &format!("/v1/sandboxes/{id}/snapshots/{sid}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, list) = d
+        .call(Method::GET, &format!("/v1/sandboxes/{id}/snapshots"), None)
+        .await;
+    assert_eq!(list, json!([]));
+    assert!(!d.state_dir().join("snapshots").join(&sid).exists());
+    d.destroy(&fid).await;
+    d.destroy(&id).await;
+}
