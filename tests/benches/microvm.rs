@@ -16,6 +16,12 @@
 //! 4. memory of an idle VM: QEMU's RSS after the guest settled, split into
 //!    guest RAM the guest touched (shared memfd) and QEMU's own.
 //!
+//! 5. stop and start of a VM with memory (its snapshot chain), `BENCH_VM_N`
+//!    rounds after writing 1 MiB in the guest each time: stop time,
+//!    start → first exec, beside a raw QEMU `-incoming` restore of the same
+//!    snapshot (compose the memory file, start QEMU, feed the device state,
+//!    running) as the floor; the full and the diff snapshot sizes.
+//!
 //! The accelerator is printed with the table. Timings are reported, never
 //! asserted. Run as root: `scripts/bench.sh` runs this after the core one.
 
@@ -24,7 +30,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
-use sandforge_runtime::microvm::{accel, qemu};
+use sandforge_runtime::microvm::{accel, memsnap, persist, qemu};
 use sandforge_tests::bench::print_table;
 use sandforge_tests::{sample, scratch_dir, Daemon};
 use serde_json::json;
@@ -109,6 +115,55 @@ fn raw_boot(d: &Daemon, run: usize, accel: accel::Accel) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Restore the sandbox's latest snapshot in a QEMU of our own (a copy of
+/// its disk, its memory chain composed into a fresh file), timed until the
+/// vCPUs run. The floor of `start`.
+async fn raw_restore(d: &Daemon, id: &str, accel: accel::Accel) -> Duration {
+    let sb = d.state_dir().join("sandboxes").join(id);
+    let m = memsnap::load(&sb).unwrap().expect("a snapshot");
+    let dir = scratch_dir("sf-bench-restore-");
+    std::fs::copy(sb.join("disk.qcow2"), dir.path().join("disk.qcow2")).unwrap();
+    let kernel = ["vmlinux", "vmlinuz"]
+        .iter()
+        .map(|k| Path::new(GUEST).join(k))
+        .find(|k| k.is_file())
+        .expect("guest kernel");
+    let mem = dir.path().join("mem");
+    let t = Instant::now();
+    memsnap::restore(&sb, &m, &mem).unwrap();
+    let args = qemu::args(&qemu::VmArgs {
+        accel,
+        cpus: 1,
+        memory_mb: MEMORY_MB,
+        kernel,
+        initramfs: d.state_dir().join("vm/initramfs.cpio"),
+        disk: dir.path().join("disk.qcow2"),
+        dir: dir.path().to_path_buf(),
+        hostname: "restore".into(),
+        tsc_khz: (accel == accel::Accel::Tcg)
+            .then(qemu::host_tsc_khz)
+            .flatten(),
+        shares: vec![],
+        net: None,
+        mem_path: mem.clone(),
+        incoming: true,
+    });
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    persist::load_device_state(&sb, &qemu::qmp_socket(dir.path()), &m)
+        .await
+        .expect("raw restore");
+    let took = t.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    took
 }
 
 /// A `/proc/<pid>/status` memory field (`VmRSS`, `RssShmem`, ...) in MiB.
@@ -198,6 +253,53 @@ async fn main() {
     );
     d.destroy(&vm).await;
 
+    // 5. stop / start with memory: a full snapshot, then diffs.
+    let sb = d
+        .create_id(json!({"isolation": "microvm", "memory_mb": MEMORY_MB, "network": "offline"}))
+        .await;
+    d.sh_ok(&sb, "mkdir -p /mnt/b && mount -t tmpfs none /mnt/b")
+        .await;
+    let (mut full_stop, mut stops, mut starts, mut floors) = (vec![], vec![], vec![], vec![]);
+    let (mut full_bytes, mut diff_bytes) = (0u64, vec![]);
+    for round in 0..=vm_n {
+        d.sh_ok(
+            &sb,
+            &format!("head -c 1048576 /dev/urandom > /mnt/b/r{round}"),
+        )
+        .await;
+        let t = Instant::now();
+        let (s, v) = d
+            .call(Method::POST, &format!("/v1/sandboxes/{sb}/stop"), None)
+            .await;
+        let took = t.elapsed();
+        assert_eq!(s, StatusCode::OK, "stop: {v}");
+        let bytes = v["snapshot_bytes"].as_u64().unwrap();
+        if round == 0 {
+            full_stop.push(took);
+            full_bytes = bytes;
+        } else {
+            stops.push(took);
+            diff_bytes.push(bytes);
+            floors.push(raw_restore(&d, &sb, accel).await);
+        }
+        let t = Instant::now();
+        let (s, v) = d
+            .call(Method::POST, &format!("/v1/sandboxes/{sb}/start"), None)
+            .await;
+        assert_eq!(s, StatusCode::OK, "start: {v}");
+        let (s, v) = d.execute(&sb, json!({"command": "true"})).await;
+        assert!(
+            s == StatusCode::OK && v["exit_code"] == 0,
+            "first exec: {v}"
+        );
+        if round > 0 {
+            starts.push(t.elapsed());
+        }
+    }
+    d.destroy(&sb).await;
+    diff_bytes.sort_unstable();
+    let diff_median = diff_bytes[diff_bytes.len() / 2];
+
     let rows = [
         ("VM create → first exec `true`", create, Some(1)),
         (
@@ -222,6 +324,22 @@ async fn main() {
             Some(6),
         ),
         ("↳ same, container", ct_head, None),
+        (
+            "stop, first (full memory snapshot; 1 sample)",
+            full_stop,
+            None,
+        ),
+        ("stop, later (diff after writing 1 MiB)", stops, None),
+        (
+            "start → first exec (restore from the chain)",
+            starts,
+            Some(10),
+        ),
+        (
+            "↳ floor: raw QEMU `-incoming` restore of the same snapshot",
+            floors,
+            None,
+        ),
     ];
     println!(
         "accelerator: {accel_seen}; {}; guest RAM {MEMORY_MB} MiB, 1 vCPU",
@@ -233,5 +351,11 @@ async fn main() {
     );
     println!(
         "\nidle microVM memory, 3 s after its first exec: QEMU RSS {rss:.1} MiB = guest RAM touched {shmem:.1} MiB (of {MEMORY_MB}) + QEMU's own heap {anon:.1} MiB + mapped files (binary, libraries; shared between VMs) {file:.1} MiB"
+    );
+    println!(
+        "snapshot sizes ({MEMORY_MB} MiB guest): full {:.1} MiB, diff after writing 1 MiB {:.2} MiB (median of {})",
+        full_bytes as f64 / 1048576.0,
+        diff_median as f64 / 1048576.0,
+        diff_bytes.len()
     );
 }

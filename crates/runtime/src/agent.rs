@@ -88,11 +88,33 @@ impl AgentClient {
     }
 
     async fn connect(&self) -> Result<SendRequest<ReqBody>> {
-        let mut stream = UnixStream::connect(&self.inner.socket).await.map_err(|e| {
-            RuntimeError::AgentUnavailable(format!("{}: {e}", self.inner.socket.display()))
-        })?;
+        let open = || async {
+            UnixStream::connect(&self.inner.socket).await.map_err(|e| {
+                RuntimeError::AgentUnavailable(format!("{}: {e}", self.inner.socket.display()))
+            })
+        };
+        let mut stream = open().await?;
         if self.inner.sync {
-            resync(&mut stream).await?;
+            // A sync line can be eaten by a session the guest has not yet
+            // seen end (e.g. one a snapshot froze mid-flight): retry on a
+            // fresh connection with growing patience rather than waiting
+            // long on the first.
+            let mut last = None;
+            for wait in SYNC_WAITS {
+                match resync(&mut stream, wait).await {
+                    Ok(()) => {
+                        last = None;
+                        break;
+                    }
+                    Err(e) => {
+                        last = Some(e);
+                        stream = open().await?;
+                    }
+                }
+            }
+            if let Some(e) = last {
+                return Err(e);
+            }
         }
         // No HTTP/2 keep-alive pings: over a virtio-serial port a slow boot
         // would trip the ping timeout, and the reconnect that follows leaves
@@ -225,11 +247,19 @@ impl AgentClient {
     }
 }
 
+/// How long each successive SYNC attempt waits for its ACK.
+const SYNC_WAITS: [Duration; 4] = [
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+];
+
 /// The SYNC/ACK exchange (see `sandforge_agent_proto::SYNC_PREFIX`): send a
-/// fresh nonce and skip every byte up to its ACK line. Fails after 2 s so the
-/// caller reconnects (the sync line may have gone to a connection the guest
-/// had not yet seen close).
-async fn resync(stream: &mut UnixStream) -> Result<()> {
+/// fresh nonce and skip every byte up to its ACK line. Fails after `wait`
+/// so the caller reconnects (the sync line may have gone to a connection
+/// the guest had not yet seen close).
+async fn resync(stream: &mut UnixStream, wait: Duration) -> Result<()> {
     use std::sync::atomic::{AtomicU64, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -269,14 +299,14 @@ async fn resync(stream: &mut UnixStream) -> Result<()> {
         }
         Ok(())
     };
-    match tokio::time::timeout(Duration::from_secs(2), exchange).await {
+    match tokio::time::timeout(wait, exchange).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(RuntimeError::AgentUnavailable(format!(
             "serial resync: {e}"
         ))),
-        Err(_) => Err(RuntimeError::AgentUnavailable(
-            "serial resync: no ACK within 2s".into(),
-        )),
+        Err(_) => Err(RuntimeError::AgentUnavailable(format!(
+            "serial resync: no ACK within {wait:?}"
+        ))),
     }
 }
 
