@@ -47,7 +47,7 @@ impl Internet {
         let ns = format!("sfi-{pid}-{n}");
         let x = (pid * 7 + n * 13) % 250 + 2;
         let net = format!("198.18.{x}");
-        let host_if = format!("sfi{}", (pid * 10 + n) % 100_000);
+        let host_if = format!("tin{}", (pid * 10 + n) % 100_000);
         sh(&format!(
             "ip netns add {ns} && ip link add {host_if} type veth peer name eth0 netns {ns} && \
              ip addr add {net}.1/24 dev {host_if} && ip link set {host_if} up && \

@@ -41,6 +41,25 @@ const MEMORY_MB: u64 = 512;
 /// What init prints right before it execs the agent.
 const MARKER: &str = "starting the agent";
 
+/// The guest kernel the daemon boots (uncompressed when there is one).
+fn guest_kernel() -> std::path::PathBuf {
+    ["vmlinux", "vmlinuz"]
+        .iter()
+        .map(|k| Path::new(GUEST).join(k))
+        .find(|k| k.is_file())
+        .expect("guest kernel")
+}
+
+fn spawn_qemu(args: &[String]) -> std::process::Child {
+    Command::new("qemu-system-x86_64")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 async fn exec_true(d: &Daemon, id: &str) {
     let (url, body) = (format!("/v1/sandboxes/{id}/exec"), json!({"cmd": ["true"]}));
     let (s, v) = d.call(Method::POST, &url, Some(body)).await;
@@ -71,11 +90,7 @@ fn raw_boot(d: &Daemon, run: usize, accel: accel::Accel) {
         .status()
         .unwrap();
     assert!(st.success(), "qemu-img");
-    let kernel = ["vmlinux", "vmlinuz"]
-        .iter()
-        .map(|k| Path::new(GUEST).join(k))
-        .find(|k| k.is_file())
-        .expect("guest kernel");
+    let kernel = guest_kernel();
     let args = qemu::args(&qemu::VmArgs {
         accel,
         cpus: 1,
@@ -95,13 +110,7 @@ fn raw_boot(d: &Daemon, run: usize, accel: accel::Accel) {
     });
     let console = qemu::console_log(dir.path());
     let t = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_qemu(&args);
     loop {
         let log = std::fs::read_to_string(&console).unwrap_or_default();
         if log.contains(MARKER) {
@@ -125,11 +134,7 @@ async fn raw_restore(d: &Daemon, id: &str, accel: accel::Accel) -> Duration {
     let m = memsnap::load(&sb).unwrap().expect("a snapshot");
     let dir = scratch_dir("sf-bench-restore-");
     std::fs::copy(sb.join("disk.qcow2"), dir.path().join("disk.qcow2")).unwrap();
-    let kernel = ["vmlinux", "vmlinuz"]
-        .iter()
-        .map(|k| Path::new(GUEST).join(k))
-        .find(|k| k.is_file())
-        .expect("guest kernel");
+    let kernel = guest_kernel();
     let mem = dir.path().join("mem");
     let t = Instant::now();
     memsnap::restore(&sb, &m, &mem).unwrap();
@@ -150,13 +155,7 @@ async fn raw_restore(d: &Daemon, id: &str, accel: accel::Accel) -> Duration {
         mem_path: mem.clone(),
         incoming: true,
     });
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_qemu(&args);
     persist::load_device_state(&sb, &qemu::qmp_socket(dir.path()), &m)
         .await
         .expect("raw restore");

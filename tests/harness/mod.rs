@@ -428,6 +428,33 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// The host network state of this daemon (its nftables table, its
+    /// links), which a killed daemon leaves for its next start to
+    /// reconcile: a test daemon has no next start.
+    fn remove_network_state(&self) {
+        let (prefix, table) = net_names(self.port);
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &table])
+            .output();
+        if let Ok(rd) = std::fs::read_dir("/sys/class/net") {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if name.starts_with(&prefix) {
+                    let _ = Command::new("ip").args(["link", "del", &name]).output();
+                }
+            }
+        }
+        // VM memory files of this daemon's sandboxes.
+        if let Ok(rd) = std::fs::read_dir(self.state_dir().join("sandboxes")) {
+            for e in rd.flatten() {
+                let id = e.file_name().to_string_lossy().to_string();
+                let _ = std::fs::remove_file(format!("/dev/shm/sandforge/{id}.mem"));
+            }
+        }
+    }
+}
+
 impl Drop for Daemon {
     /// Kill the daemon, then reclaim whatever sandboxes a failed test left
     /// behind, so one failure does not leak into the machine.
@@ -449,6 +476,7 @@ impl Drop for Daemon {
             }
         }
         self.kill9();
+        self.remove_network_state();
         let state = self.state_dir();
         let Ok(rd) = std::fs::read_dir(state.join("sandboxes")) else {
             return;

@@ -375,6 +375,7 @@ pub struct Sandbox {
     /// Why the sandbox is `failed`, when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status_reason: Option<String>,
+    #[serde(default)]
     pub mode: crate::Mode,
     /// Ephemeral: when it will be destroyed (unless kept alive).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -382,6 +383,7 @@ pub struct Sandbox {
     /// Persistent: seconds of idleness before suspension.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<u64>,
+    #[serde(default)]
     pub keep_hot: bool,
 }
 

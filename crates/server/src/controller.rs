@@ -44,13 +44,18 @@ pub struct Controller {
     started: Instant,
 }
 
-pub(crate) fn new_id() -> String {
+/// `<prefix>_` and 12 random characters of `[0-9a-z]`.
+pub(crate) fn random_id(prefix: &str) -> String {
     const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
     let mut rng = rand::thread_rng();
     let s: String = (0..12)
         .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
         .collect();
-    format!("sb_{s}")
+    format!("{prefix}_{s}")
+}
+
+pub(crate) fn new_id() -> String {
+    random_id("sb")
 }
 
 impl Controller {

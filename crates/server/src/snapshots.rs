@@ -8,7 +8,6 @@
 //! Snapshots outlive their sandbox (forks need them) until deleted.
 
 use http::StatusCode;
-use rand::Rng;
 use sandforge_api::sandbox::validate_name;
 use sandforge_api::{CreateSandbox, Isolation, Network, Sandbox, SandboxStatus};
 use sandforge_runtime::snapshot;
@@ -18,12 +17,7 @@ use crate::db::{now, SandboxRow, SnapshotRow};
 use crate::error::ApiError;
 
 fn snapshot_id() -> String {
-    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut rng = rand::thread_rng();
-    let s: String = (0..12)
-        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
-        .collect();
-    format!("snap_{s}")
+    crate::controller::random_id("snap")
 }
 
 impl Controller {

@@ -2,7 +2,9 @@
 //! by pure functions, unit-tested) applied atomically: each script is one
 //! transaction, so a policy change never leaves a half-updated chain.
 //!
-//! `inet <table>`:
+//! One table, `inet <table>`. Sandbox links are the members of its set
+//! `links` (added before a link exists, removed after it is gone), so the
+//! rules never match an interface of the host's that merely looks alike:
 //! - `input` (hook input): from a sandbox link only DNS to the sandbox's
 //!   own resolver address (set `dns_ok` of interface . address) and replies
 //!   to connections it made; everything else addressed to the host (the
@@ -10,7 +12,7 @@
 //! - `forward` (hook forward): nothing may open a connection into a
 //!   sandbox (so sandboxes cannot reach each other); a sandbox's packets
 //!   jump to its own chain `sb_<slot>` through the map `dispatch`; links
-//!   of our prefix without a chain are dropped.
+//!   in `links` without a chain are dropped.
 //! - `sb_<slot>`: anti-spoofing (its own source address only), no IPv6,
 //!   the always-denied destinations (link-local/metadata, loopback, the
 //!   sandbox subnet, multicast, 0.0.0.0/8), `deny_cidrs`, then the policy:
@@ -18,9 +20,10 @@
 //!   admitted for allowed domains (set `dns_<slot>`, entries time out),
 //!   restricted to `allow_ports` (TCP) when given.
 //!
-//! `ip <table>_nat`: masquerade the subnet towards every non-sandbox link.
+//! - `postrouting` (nat): masquerade the subnet towards every non-sandbox
+//!   link.
 //!
-//! Owns these two tables only.
+//! Owns this table only (and removes the `ip <table>_nat` of older layouts).
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -104,6 +107,7 @@ fn sandbox_objects(cfg: &NetConfig, lease: &Lease, e: &Egress, out: &mut String)
     for rule in policy_rules(cfg, lease, e) {
         let _ = writeln!(out, "add rule inet {t} {c} {rule}");
     }
+    let _ = writeln!(out, "add element inet {t} links {{ \"{}\" }}", lease.iface);
     let _ = writeln!(
         out,
         "add element inet {t} dispatch {{ \"{}\" : jump {c} }}",
@@ -119,35 +123,35 @@ fn sandbox_objects(cfg: &NetConfig, lease: &Lease, e: &Egress, out: &mut String)
 /// The whole configuration from scratch (daemon start, crash recovery):
 /// whatever the tables held is replaced in the same transaction.
 pub fn rebuild(cfg: &NetConfig, live: &[(Lease, Egress)]) -> String {
-    let (t, p) = (&cfg.table, &cfg.prefix);
+    let t = &cfg.table;
     let mut s = String::new();
     let _ = writeln!(s, "add table inet {t}");
     let _ = writeln!(s, "delete table inet {t}");
+    // Tables of older versions of this layout.
     let _ = writeln!(s, "add table ip {t}_nat");
     let _ = writeln!(s, "delete table ip {t}_nat");
     let _ = writeln!(
         s,
         r#"table inet {t} {{
+  set links {{ type ifname; }}
   map dispatch {{ type ifname : verdict; }}
   set dns_ok {{ type ifname . ipv4_addr; }}
   chain input {{
     type filter hook input priority filter - 10; policy accept;
-    iifname "{p}*" ct state established,related accept
-    iifname "{p}*" udp dport 53 iifname . ip daddr @dns_ok accept
-    iifname "{p}*" drop
+    iifname @links ct state established,related accept
+    iifname @links udp dport 53 iifname . ip daddr @dns_ok accept
+    iifname @links drop
   }}
   chain forward {{
     type filter hook forward priority filter - 10; policy accept;
-    oifname "{p}*" ct state established,related accept
-    oifname "{p}*" drop
-    iifname "{p}*" iifname vmap @dispatch
-    iifname "{p}*" drop
+    oifname @links ct state established,related accept
+    oifname @links drop
+    iifname @links iifname vmap @dispatch
+    iifname @links drop
   }}
-}}
-table ip {t}_nat {{
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
-    ip saddr {subnet} oifname != "{p}*" masquerade
+    ip saddr {subnet} oifname != @links masquerade
   }}
 }}"#,
         subnet = cfg.subnet
@@ -185,8 +189,10 @@ pub fn detach(cfg: &NetConfig, lease: &Lease) -> String {
     format!(
         "add chain inet {t} {c}\n\
          add set inet {t} {set} {{ type ipv4_addr; flags timeout; }}\n\
+         add element inet {t} links {{ \"{i}\" }}\n\
          add element inet {t} dispatch {{ \"{i}\" : jump {c} }}\n\
          add element inet {t} dns_ok {{ \"{i}\" . {h} }}\n\
+         delete element inet {t} links {{ \"{i}\" }}\n\
          delete element inet {t} dispatch {{ \"{i}\" }}\n\
          delete element inet {t} dns_ok {{ \"{i}\" . {h} }}\n\
          delete chain inet {t} {c}\n\
@@ -297,7 +303,9 @@ mod tests {
         let l = c.lease("sb_abc", 1);
         let full = rebuild(&c, &[(l.clone(), Egress::default())]);
         assert!(full.contains("delete table inet sandforge"));
-        assert!(full.contains("oifname != \"sf*\" masquerade"));
+        assert!(full.contains("oifname != @links masquerade"));
+        assert!(!full.contains("sf*"), "no wildcard over host interfaces");
+        assert!(full.contains("links { \"sfsbabc\" }"));
         assert!(full.contains("dispatch { \"sfsbabc\" : jump sb_1 }"));
         let d = detach(&c, &l);
         assert!(d.contains("delete chain inet sandforge sb_1"));
