@@ -64,7 +64,9 @@ async fn sandboxes_survive_a_daemon_kill9_and_restart() {
 async fn destroy_reclaims_every_resource() {
     let d = Daemon::start().await;
     let id = d.create_id(json!({"memory_mb": 256})).await;
-    d.sh_ok(&id, "nohup sleep 1000 >/dev/null 2>&1 & echo started")
+    // A duration no other test uses: the stray check below looks at the
+    // whole host, where other tests run their own sleeps.
+    d.sh_ok(&id, "nohup sleep 1017 >/dev/null 2>&1 & echo started")
         .await;
     let pid = d.sandbox_pid(&id);
     assert!(
@@ -78,7 +80,7 @@ async fn destroy_reclaims_every_resource() {
         .unwrap()
         .flatten()
         .filter_map(|e| std::fs::read_to_string(e.path().join("cmdline")).ok())
-        .filter(|c| c.starts_with("sleep\u{0}1000"))
+        .filter(|c| c.starts_with("sleep\u{0}1017"))
         .collect();
     assert!(stray.is_empty(), "stray processes: {stray:?}");
     assert_eq!(d.leftovers(&id), Vec::<String>::new());
