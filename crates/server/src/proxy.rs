@@ -5,7 +5,8 @@
 //! request target, `Host` becomes `localhost:{port}`, and the caller's
 //! `Authorization` header is never passed on. Bodies stream both ways;
 //! `Upgrade` requests (WebSocket) are spliced byte for byte after the
-//! `101`. One tunnel per request (no pooling). Must not decide who may
+//! `101`. One tunnel per request (no pooling). Limits: request bodies up to
+//! [`MAX_BODY`], and [`RESPONSE_TIMEOUT`] for the answer to start. Must not decide who may
 //! reach what: callers check that first.
 
 use axum::body::Body;
@@ -22,6 +23,11 @@ fn is_upgrade(h: &http::HeaderMap) -> bool {
         .is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"))
         && h.contains_key(header::UPGRADE)
 }
+
+/// Largest request body passed on (larger ones are cut, and fail).
+pub const MAX_BODY: usize = 100 * 1024 * 1024;
+/// How long the sandbox's server may take to start answering.
+pub const RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn bad_gateway(message: String) -> ApiError {
     ApiError::new(StatusCode::BAD_GATEWAY, "upstream_failed", message)
@@ -58,10 +64,20 @@ pub async fn forward(
         header::HOST,
         HeaderValue::from_str(&format!("localhost:{port}")).expect("valid header"),
     );
-    let mut resp = sender
-        .send_request(Request::from_parts(parts, body))
-        .await
-        .map_err(|e| bad_gateway(format!("port {port} did not answer: {e}")))?;
+    let body = Body::new(http_body_util::Limited::new(body, MAX_BODY));
+    let mut resp = tokio::time::timeout(
+        RESPONSE_TIMEOUT,
+        sender.send_request(Request::from_parts(parts, body)),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_timeout",
+            format!("port {port} did not start answering within {RESPONSE_TIMEOUT:?}"),
+        )
+    })?
+    .map_err(|e| bad_gateway(format!("port {port} did not answer: {e}")))?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client) = client_upgrade {
             let upstream = hyper::upgrade::on(&mut resp);
