@@ -1,9 +1,10 @@
 //! The controller: the one place that changes sandboxes. It checks requests
 //! against state (templates, host paths, quotas, ownership, status), records
 //! every transition in the database, drives the backends, keeps the agent
-//! clients of running sandboxes, reconciles state after a restart and
-//! watches for sandboxes that die. Routes call it; it must not know HTTP
-//! beyond returning [`ApiError`]s.
+//! clients of running sandboxes. Its other parts live beside it, one
+//! concern each: `reconcile` (restarts, dying sandboxes), `lifecycle`,
+//! `snapshots`, `network`, `sessions`, `publish`. Routes call it; it must
+//! not know HTTP beyond returning [`ApiError`]s.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -29,12 +30,12 @@ pub struct Controller {
     /// The microVM accelerator, when that backend is available.
     accel: Option<String>,
     pub(crate) db: Db,
-    templates: TemplateStore,
+    pub(crate) templates: TemplateStore,
     /// Sandbox networking, when the host supports it.
     pub(crate) network: Option<Arc<sandforge_runtime::network::Network>>,
     /// Held from choosing a network slot until the row holding it is stored.
     pub(crate) net_alloc: tokio::sync::Mutex<()>,
-    backends: HashMap<&'static str, Arc<dyn Backend>>,
+    pub(crate) backends: HashMap<&'static str, Arc<dyn Backend>>,
     /// Agent clients of running sandboxes.
     pub(crate) live: Mutex<HashMap<String, AgentClient>>,
     /// Last activity and requests in flight per sandbox (idleness).
@@ -122,7 +123,7 @@ impl Controller {
         })
     }
 
-    fn sandbox_dir(&self, id: &str) -> PathBuf {
+    pub(crate) fn sandbox_dir(&self, id: &str) -> PathBuf {
         self.cfg.state_dir.join("sandboxes").join(id)
     }
 
@@ -464,7 +465,7 @@ impl Controller {
         Ok(())
     }
 
-    async fn reclaim(&self, row: &SandboxRow) -> Result<(), ApiError> {
+    pub(crate) async fn reclaim(&self, row: &SandboxRow) -> Result<(), ApiError> {
         let backend = self.backend(row.spec.isolation)?;
         // Destroy needs only the id and directory, so it works even when the
         // template has vanished since.
@@ -558,7 +559,7 @@ impl Controller {
         )
     }
 
-    async fn mark_failed(&self, id: &str, reason: &str) {
+    pub(crate) async fn mark_failed(&self, id: &str, reason: &str) {
         let lock = self.op_lock(id);
         let _guard = lock.lock().await;
         if let Ok(Some(row)) = self.db.get_sandbox(id) {
@@ -574,147 +575,14 @@ impl Controller {
             }
         }
     }
-
-    /// After a (re)start: adopt running sandboxes, fail the ones that died or
-    /// were mid-create, and reclaim resources nobody owns any more.
-    pub async fn reconcile(&self) -> Result<(), ApiError> {
-        let rows = self.db.list_sandboxes(None)?;
-        for row in &rows {
-            match row.status {
-                SandboxStatus::Running => {
-                    let backend = self.backend(row.spec.isolation)?;
-                    let spec = match self.spec_for(row) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            self.db
-                                .set_status(&row.id, SandboxStatus::Failed, Some(&e.message))?;
-                            continue;
-                        }
-                    };
-                    match backend.probe(&spec).await {
-                        Liveness::Running => {
-                            if let Some(st) = self.recover_stop(row, true).await {
-                                self.db.set_status(
-                                    &row.id,
-                                    st,
-                                    Some("stop finished after a restart"),
-                                )?;
-                                continue;
-                            }
-                            self.set_live(&row.id, backend.agent(&spec));
-                            tracing::info!(id = %row.id, "re-attached running sandbox");
-                        }
-                        Liveness::Dead(reason) => {
-                            if let Some(st) = self.recover_stop(row, false).await {
-                                self.db.set_status(
-                                    &row.id,
-                                    st,
-                                    Some("stop finished after a restart"),
-                                )?;
-                                continue;
-                            }
-                            tracing::warn!(id = %row.id, "sandbox died while the supervisor was down: {reason}");
-                            self.db
-                                .set_status(&row.id, SandboxStatus::Failed, Some(&reason))?;
-                        }
-                    }
-                }
-                SandboxStatus::Suspended | SandboxStatus::Stopped => {
-                    let (Ok(backend), Ok(spec)) =
-                        (self.backend(row.spec.isolation), self.spec_for(row))
-                    else {
-                        continue;
-                    };
-                    let alive = backend.probe(&spec).await == Liveness::Running;
-                    let stopped_now = if row.status == SandboxStatus::Stopped || !alive {
-                        self.recover_stop(row, alive).await
-                    } else {
-                        None
-                    };
-                    match (row.status, alive, stopped_now) {
-                        (SandboxStatus::Suspended, true, _) => {
-                            self.set_live(&row.id, backend.agent(&spec))
-                        }
-                        (_, _, Some(st)) if st != row.status => self.db.set_status(
-                            &row.id,
-                            st,
-                            Some("stop finished after a restart"),
-                        )?,
-                        (SandboxStatus::Suspended, false, None) => self.db.set_status(
-                            &row.id,
-                            SandboxStatus::Failed,
-                            Some("gone while the supervisor was down"),
-                        )?,
-                        _ => {}
-                    }
-                }
-                SandboxStatus::Creating | SandboxStatus::Starting => {
-                    let reason = "supervisor restarted while the sandbox was being created";
-                    if let Err(e) = self.reclaim(row).await {
-                        tracing::warn!(id = %row.id, "reclaiming half-created sandbox: {}", e.message);
-                    }
-                    self.db
-                        .set_status(&row.id, SandboxStatus::Failed, Some(reason))?;
-                }
-                _ => {}
-            }
-        }
-        // Orphans: backend resources whose sandbox the database calls destroyed
-        // or does not know.
-        let known: HashMap<&str, &SandboxRow> = rows.iter().map(|r| (r.id.as_str(), r)).collect();
-        for backend in self.backends.values() {
-            for id in backend.list().await.unwrap_or_default() {
-                let owned = known
-                    .get(id.as_str())
-                    .is_some_and(|r| r.status != SandboxStatus::Destroyed);
-                if !owned {
-                    tracing::warn!(%id, "reclaiming orphaned sandbox");
-                    let dir = self.sandbox_dir(&id);
-                    if let Some(row) = known.get(id.as_str()) {
-                        let _ = self.reclaim(row).await;
-                    } else if let Ok(t) =
-                        self.templates.get(sandforge_api::sandbox::DEFAULT_TEMPLATE)
-                    {
-                        let spec = bare_spec(&id, dir, t);
-                        let _ = backend.destroy(&spec).await;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Periodically check running sandboxes; record the ones that died.
-    pub async fn monitor(self: Arc<Self>) {
-        let every = Duration::from_secs(self.cfg.monitor_interval_secs.max(1));
-        loop {
-            tokio::time::sleep(every).await;
-            let ids: Vec<String> = self
-                .live
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .keys()
-                .cloned()
-                .collect();
-            for id in ids {
-                let Ok(Some(row)) = self.db.get_sandbox(&id) else {
-                    continue;
-                };
-                let (Ok(backend), Ok(spec)) =
-                    (self.backend(row.spec.isolation), self.spec_for(&row))
-                else {
-                    continue;
-                };
-                if let Liveness::Dead(reason) = backend.probe(&spec).await {
-                    self.mark_failed(&id, &reason).await;
-                }
-            }
-        }
-    }
 }
 
 /// A spec with just enough in it to find and destroy a sandbox's resources.
-fn bare_spec(id: &str, dir: PathBuf, template: sandforge_runtime::Template) -> SandboxSpec {
+pub(crate) fn bare_spec(
+    id: &str,
+    dir: PathBuf,
+    template: sandforge_runtime::Template,
+) -> SandboxSpec {
     SandboxSpec {
         id: id.to_string(),
         dir,

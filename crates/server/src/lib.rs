@@ -19,6 +19,7 @@ mod lifecycle;
 mod network;
 mod proxy;
 mod publish;
+mod reconcile;
 mod routes;
 mod sessions;
 mod snapshots;
