@@ -32,16 +32,24 @@ YAML
 fi
 
 pidfile=/run/sandforge.pid
-if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-  echo "stopping the running supervisor (sandboxes keep running) ..."
-  kill "$(cat "$pidfile")"
-  for _ in $(seq 50); do kill -0 "$(cat "$pidfile")" 2>/dev/null || break; sleep 0.1; done
-fi
+# Stop the supervisor of this config, whether this script started it (the
+# pid file) or someone else did (the same command line): sandboxes keep
+# running and the new one re-attaches.
+old=$( { [ -f "$pidfile" ] && cat "$pidfile"; pgrep -f "sandforge serve --config /etc/sandforge/config.yaml"; } 2>/dev/null | sort -u)
+for pid in $old; do
+  if kill -0 "$pid" 2>/dev/null; then
+    echo "stopping the running supervisor $pid (sandboxes keep running) ..."
+    kill "$pid"
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+done
 SANDFORGE_TOKEN=$(cat /etc/sandforge/token) setsid /usr/local/bin/sandforge serve \
   --config /etc/sandforge/config.yaml >>/var/log/sandforge.log 2>&1 < /dev/null &
-echo $! > "$pidfile"
+pid=$!
+echo "$pid" > "$pidfile"
 for _ in $(seq 100); do
-  if curl -fsS http://127.0.0.1:8585/health >/dev/null 2>&1; then
+  # Healthy, and served by the process just started (not a leftover).
+  if kill -0 "$pid" 2>/dev/null && curl -fsS http://127.0.0.1:8585/health >/dev/null 2>&1; then
     echo "sandforge is running on http://127.0.0.1:8585 (log: /var/log/sandforge.log)"
     echo "token: export SANDFORGE_TOKEN=\$(cat /etc/sandforge/token)"
     exit 0
