@@ -16,6 +16,7 @@ pub mod network;
 pub mod snapshot;
 pub mod template;
 pub mod terminal;
+pub mod tool;
 pub mod tunnel;
 
 pub use agent::AgentClient;

@@ -9,31 +9,16 @@
 //! directories; the backends decide what goes in.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use crate::error::{Result, RuntimeError};
 
 /// `cp -a --reflink=auto src dest` (ownership, modes, links, sparse).
 pub async fn copy_tree(src: &Path, dest: &Path) -> Result<()> {
-    let out = tokio::process::Command::new("cp")
-        .args(["-a", "--reflink=auto", "--sparse=always"])
+    let mut cmd = tokio::process::Command::new("cp");
+    cmd.args(["-a", "--reflink=auto", "--sparse=always"])
         .arg(src)
-        .arg(dest)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|e| RuntimeError::Command {
-            tool: "cp".into(),
-            message: e.to_string(),
-        })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(RuntimeError::Command {
-            tool: "cp".into(),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
+        .arg(dest);
+    crate::tool::run(&mut cmd, "cp", std::time::Duration::from_secs(600)).await
 }
 
 /// Copy the files of `src` into `dest` (created), hard-linking those for

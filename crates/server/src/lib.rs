@@ -352,16 +352,29 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServerError> {
         controller: controller.clone(),
     });
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(publish_listener, published).await {
+        if let Err(e) = axum::serve(no_delay(publish_listener), published).await {
             tracing::error!("publish listener: {e}");
         }
     });
     let app = routes::router(AppState { controller });
     tracing::info!(listen = %cfg.listen, state_dir = %state.display(), "sandforge supervisor ready");
-    axum::serve(listener, app)
+    axum::serve(no_delay(listener), app)
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|e| ServerError::Startup(e.to_string()))
+}
+
+/// No Nagle on accepted connections: streamed answers (ndjson exec,
+/// proxied bodies) would otherwise wait for the client's delayed ACK
+/// between small writes.
+fn no_delay(
+    l: tokio::net::TcpListener,
+) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
+    use axum::serve::ListenerExt;
+    fn set(tcp: &mut tokio::net::TcpStream) {
+        let _ = tcp.set_nodelay(true);
+    }
+    l.tap_io(set as fn(&mut tokio::net::TcpStream))
 }
 
 async fn shutdown_signal() {

@@ -20,7 +20,6 @@ pub mod qmp;
 pub mod virtiofs;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -139,24 +138,7 @@ impl MicrovmBackend {
         if let Some(mb) = size_mb {
             cmd.arg(format!("{mb}M"));
         }
-        let out = tokio::time::timeout(Duration::from_secs(30), cmd.stdin(Stdio::null()).output())
-            .await
-            .map_err(|_| RuntimeError::Command {
-                tool: "qemu-img".into(),
-                message: "timed out".into(),
-            })?
-            .map_err(|e| RuntimeError::Command {
-                tool: "qemu-img".into(),
-                message: e.to_string(),
-            })?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(RuntimeError::Command {
-                tool: "qemu-img".into(),
-                message: String::from_utf8_lossy(&out.stderr).trim().into(),
-            })
-        }
+        crate::tool::run(&mut cmd, "qemu-img", Duration::from_secs(30)).await
     }
 
     fn spawn_qemu(
