@@ -58,7 +58,7 @@ trap cleanup EXIT
 build_kernel() {
   # Bump FORMAT when the layout changes: an older cache is rebuilt.
   local FORMAT=3
-  complete() { [ -f "$GUEST/guest.json" ] && grep -q "\"format\": $FORMAT[,}]" "$GUEST/guest.json"; }
+  complete() { [ -f "$GUEST/guest.json" ] && grep -q "\"format\": ${FORMAT}[,}]" "$GUEST/guest.json"; }
   if complete; then
     echo "guest kernel already built at $GUEST ($(cat "$GUEST/kernel.release"))"
     return

@@ -18,16 +18,32 @@ if ! command -v cargo >/dev/null; then
 fi
 
 PKGS=(runc debootstrap sqlite3 file iproute2 util-linux python3 ca-certificates qemu-system-x86 qemu-utils e2fsprogs kmod lz4 curl
-      libseccomp-dev libcap-ng-dev pkg-config nftables tmux)
-missing=()
-for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
+      libseccomp-dev libcap-ng-dev pkg-config nftables tmux shellcheck)
+missing_pkgs() {
+  local p
+  for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
+  done
+}
+# Two rounds: installing one package can remove another (Debian's
+# qemu-system-x86 7.2 replaces a backports qemu-utils 10), so what is
+# missing is computed again after the first install.
+updated=
+for _round in 1 2; do
+  mapfile -t missing < <(missing_pkgs)
+  [ ${#missing[@]} -eq 0 ] && break
   echo "installing: ${missing[*]}"
-  apt-get update -qq
+  if [ -z "$updated" ]; then apt-get update -qq; updated=1; fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+done
+mapfile -t missing < <(missing_pkgs)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "error: could not install: ${missing[*]}" >&2
+  exit 1
 fi
+for tool in qemu-img qemu-system-x86_64 runc nft; do
+  command -v "$tool" >/dev/null || { echo "error: $tool missing after install" >&2; exit 1; }
+done
 
 VIRTIOFSD_VERSION=1.14.0
 VIRTIOFSD_ROOT=/var/cache/sandforge/virtiofsd

@@ -35,7 +35,10 @@ pidfile=/run/sandforge.pid
 # Stop the supervisor of this config, whether this script started it (the
 # pid file) or someone else did (the same command line): sandboxes keep
 # running and the new one re-attaches.
-old=$( { [ -f "$pidfile" ] && cat "$pidfile"; pgrep -f "sandforge serve --config /etc/sandforge/config.yaml"; } 2>/dev/null | sort -u)
+# Either source may find nothing (no pid file, no process): that is not an
+# error, so neither may fail the pipeline under pipefail.
+old=$( { if [ -f "$pidfile" ]; then cat "$pidfile"; fi
+         pgrep -f "sandforge serve --config /etc/sandforge/config.yaml" || true; } 2>/dev/null | sort -u)
 for pid in $old; do
   if kill -0 "$pid" 2>/dev/null; then
     echo "stopping the running supervisor $pid (sandboxes keep running) ..."
