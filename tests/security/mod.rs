@@ -1,0 +1,1 @@
+//! One module per attacked boundary (issue 11's items).
