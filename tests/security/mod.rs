@@ -1,1 +1,14 @@
 //! One module per attacked boundary (issue 11's items).
+
+use serde_json::Value;
+
+/// A create body with this run's isolation (as `Daemon::create` adds it).
+pub fn with_iso(mut body: Value) -> Value {
+    if let Some(o) = body.as_object_mut() {
+        o.entry("isolation")
+            .or_insert_with(|| Value::from(sandforge_tests::isolation()));
+    }
+    body
+}
+
+pub mod mounts;

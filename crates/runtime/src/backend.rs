@@ -14,13 +14,44 @@ use crate::agent::AgentClient;
 use crate::error::Result;
 use crate::template::Template;
 
-/// A host directory to bind into the sandbox, already checked against the
-/// allowed host paths and canonicalized.
+/// A host directory to bind into the sandbox. `host_path` was checked at
+/// create; `root` is the allowed root it lies under in the configuration in
+/// force now (`None`: no longer allowed). Backends never use `host_path` by
+/// name: they [`ResolvedMount::open`] it below `root` without following
+/// symlinks, at every start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolvedMount {
     pub host_path: PathBuf,
+    pub root: Option<PathBuf>,
     pub guest_path: String,
     pub read_only: bool,
+}
+
+impl ResolvedMount {
+    /// An `O_PATH` descriptor of the host directory, resolved from its
+    /// allowed root with no symlink followed.
+    pub fn open(&self) -> Result<std::os::fd::OwnedFd> {
+        let outside = || {
+            crate::error::RuntimeError::HostPath(crate::hostpath::HostPathError::Outside(
+                self.host_path.clone(),
+            ))
+        };
+        let root = self.root.as_deref().ok_or_else(outside)?;
+        let rel = self.host_path.strip_prefix(root).map_err(|_| outside())?;
+        crate::hostpath::open_beneath(root, rel).map_err(crate::error::RuntimeError::HostPath)
+    }
+}
+
+/// Where a sandbox's host mounts are staged when the staging place must not
+/// be writable by the sandbox's own identity (a microVM's directory belongs
+/// to its QEMU uid): `<state>/hostmounts/<id>`, root's, 0700.
+pub fn host_mount_staging(spec: &SandboxSpec) -> PathBuf {
+    let state = spec
+        .dir
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("/"));
+    state.join("hostmounts").join(&spec.id)
 }
 
 /// Everything a backend needs to run one sandbox.

@@ -31,6 +31,10 @@ pub enum RuntimeError {
     },
     #[error("{0}")]
     Setup(String),
+    /// A host mount that is not (or no longer) a plain path below an
+    /// allowed root.
+    #[error(transparent)]
+    HostPath(#[from] crate::hostpath::HostPathError),
     /// The operation does not apply to this sandbox.
     #[error("{0}")]
     Unsupported(String),

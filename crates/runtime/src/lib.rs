@@ -11,6 +11,7 @@ pub mod agent;
 pub mod backend;
 pub mod container;
 pub mod error;
+pub mod hostpath;
 pub mod microvm;
 pub mod network;
 pub mod snapshot;

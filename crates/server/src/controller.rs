@@ -7,7 +7,7 @@
 //! not know HTTP beyond returning [`ApiError`]s.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -129,6 +129,10 @@ impl Controller {
 
     pub(crate) fn spec_for(&self, row: &SandboxRow) -> Result<SandboxSpec, ApiError> {
         let template = self.templates.get(&row.spec.template)?;
+        let allowed = match row.spec.mounts.is_empty() {
+            true => vec![],
+            false => sandforge_runtime::hostpath::allowed_roots(&self.cfg.allowed_host_paths),
+        };
         Ok(SandboxSpec {
             id: row.id.clone(),
             dir: self.sandbox_dir(&row.id),
@@ -146,6 +150,9 @@ impl Controller {
                 .zip(&row.spec.resolved_host_paths)
                 .map(|(m, host)| ResolvedMount {
                     host_path: host.into(),
+                    root: sandforge_runtime::hostpath::locate(&allowed, Path::new(host))
+                        .ok()
+                        .map(|(root, _)| root),
                     guest_path: m.guest_path.clone(),
                     read_only: m.read_only,
                 })
@@ -199,30 +206,38 @@ impl Controller {
         }
     }
 
-    /// Check each mount's host path: it must exist and lie inside one of the
-    /// configured `allowed_host_paths` after resolving symlinks.
+    /// Check each mount's host path: a plain absolute path inside one of
+    /// the configured `allowed_host_paths`, opened from that root with no
+    /// symlink followed (the runtime opens it the same way again at every
+    /// start). Answers the paths to store, under the roots' real spelling.
     fn resolve_mounts(&self, v: &ValidCreate) -> Result<Vec<String>, ApiError> {
-        let allowed: Vec<PathBuf> = self
-            .cfg
-            .allowed_host_paths
-            .iter()
-            .filter_map(|p| std::fs::canonicalize(p).ok())
-            .collect();
+        use sandforge_runtime::hostpath::{self, HostPathError};
+        let roots = hostpath::allowed_roots(&self.cfg.allowed_host_paths);
         v.mounts
             .iter()
             .enumerate()
             .map(|(i, m)| {
                 let field = format!("mounts[{i}].host_path");
-                let real = std::fs::canonicalize(&m.host_path).map_err(|e| {
-                    ApiError::bad_request(&field, format!("'{}': {e}", m.host_path))
+                let path = Path::new(&m.host_path);
+                let checked = hostpath::locate(&roots, path).and_then(|(root, rel)| {
+                    hostpath::open_beneath(&root, &rel).map(|_| root.join(rel))
+                });
+                let real = checked.map_err(|e| match e {
+                    // A path that does not exist at all is bad input first
+                    // (the lookup only chooses the message).
+                    HostPathError::Outside(_) if std::fs::symlink_metadata(path).is_err() => {
+                        ApiError::bad_request(
+                            &field,
+                            format!("'{}': no such file or directory", m.host_path),
+                        )
+                    }
+                    HostPathError::Outside(_) | HostPathError::Symlink(_) => {
+                        ApiError::forbidden(format!("{field}: {e}")).field(field.clone())
+                    }
+                    HostPathError::NotPlain(_) | HostPathError::Io { .. } => {
+                        ApiError::bad_request(&field, e.to_string())
+                    }
                 })?;
-                if !allowed.iter().any(|a| real.starts_with(a)) {
-                    return Err(ApiError::forbidden(format!(
-                        "{field}: '{}' is outside the allowed host paths",
-                        m.host_path
-                    ))
-                    .field(field));
-                }
                 let s = real
                     .to_str()
                     .ok_or_else(|| ApiError::bad_request(&field, "path is not UTF-8"))?;
@@ -390,11 +405,7 @@ impl Controller {
                 tracing::error!(%id, "{reason}");
                 self.db
                     .set_status(&id, SandboxStatus::Failed, Some(&reason))?;
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "start_failed",
-                    reason,
-                ));
+                return Err(start_failed(e));
             }
         }
         let row = self
@@ -605,4 +616,18 @@ pub fn not_running(row: &SandboxRow) -> ApiError {
         msg.push_str(&format!(": {r}"));
     }
     ApiError::conflict("not_running", msg)
+}
+
+/// A failed start: the caller's fault (a host mount that is no longer a
+/// plain path below an allowed root) is a 4xx naming `mounts`; anything else
+/// is 503 `start_failed`.
+pub(crate) fn start_failed(e: sandforge_runtime::RuntimeError) -> ApiError {
+    match e {
+        e @ sandforge_runtime::RuntimeError::HostPath(_) => e.into(),
+        e => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "start_failed",
+            format!("start failed: {e}"),
+        ),
+    }
 }

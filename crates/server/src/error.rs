@@ -105,6 +105,10 @@ impl From<RuntimeError> for ApiError {
                 },
                 message,
             ),
+            RuntimeError::HostPath(e) => {
+                ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("mounts: {e}"))
+                    .field("mounts")
+            }
             RuntimeError::AgentUnavailable(_) | RuntimeError::AgentTimeout(_) => {
                 ApiError::new(StatusCode::BAD_GATEWAY, "agent_unavailable", e.to_string())
             }

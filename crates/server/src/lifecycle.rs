@@ -25,7 +25,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::StatusCode;
 use sandforge_api::lifecycle::parse_duration;
 use sandforge_api::{Keepalive, Mode, Sandbox, SandboxStatus};
 use serde::Serialize;
@@ -152,13 +151,10 @@ impl Controller {
         let backend = self.backend(row.spec.isolation)?;
         let spec = self.spec_for(row)?;
         let t0 = Instant::now();
-        let client = backend.restart(&spec).await.map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "start_failed",
-                format!("start failed: {e}"),
-            )
-        })?;
+        let client = backend
+            .restart(&spec)
+            .await
+            .map_err(crate::controller::start_failed)?;
         let _ = std::fs::remove_file(marker(&spec.dir));
         self.set_live(&row.id, client);
         self.db

@@ -89,7 +89,9 @@ fn userns_fd(shift: u32, range: u32) -> Result<File> {
 }
 
 /// Stage each mount under `<dir>/mounts/<n>` (id-mapped when possible) and
-/// return the host paths the OCI spec should bind from.
+/// return the host paths the OCI spec should bind from. Each host path is
+/// opened once, below its allowed root with no symlink followed, and the
+/// mount is cloned from that descriptor: nothing is resolved by name twice.
 pub fn stage(dir: &Path, mounts: &[ResolvedMount], shift: u32, range: u32) -> Result<Vec<PathBuf>> {
     if mounts.is_empty() {
         return Ok(vec![]);
@@ -100,17 +102,6 @@ pub fn stage(dir: &Path, mounts: &[ResolvedMount], shift: u32, range: u32) -> Re
     let mut out = vec![];
     for (i, m) in mounts.iter().enumerate() {
         let target = staging.join(i.to_string());
-        if m.host_path.is_dir() {
-            std::fs::create_dir_all(&target).map_err(|e| RuntimeError::io("mkdir", &target, e))?;
-        } else {
-            File::create(&target).map_err(|e| RuntimeError::io("create", &target, e))?;
-        }
-        let tree = open_tree(
-            CWD,
-            &m.host_path,
-            OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
-        )
-        .map_err(|e| RuntimeError::io("open_tree", &m.host_path, e.into()))?;
         let mut attr = MountAttr {
             attr_set: MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
             attr_clr: 0,
@@ -120,22 +111,97 @@ pub fn stage(dir: &Path, mounts: &[ResolvedMount], shift: u32, range: u32) -> Re
         if m.read_only {
             attr.attr_set |= MOUNT_ATTR_RDONLY;
         }
+        let tree = clone_tree(m, &target)?;
         if let Err(e) = setattr(&tree, &attr) {
             tracing::warn!(host = %m.host_path.display(), "id-mapped mount unsupported here ({e}); using a plain bind");
-            out.push(m.host_path.clone());
-            continue;
+            attr.attr_set &= !MOUNT_ATTR_IDMAP;
+            attr.userns_fd = 0;
+            setattr(&tree, &attr)
+                .map_err(|e| RuntimeError::io("mount_setattr", &m.host_path, e))?;
         }
-        move_mount(
-            tree.as_fd(),
-            "",
-            CWD,
-            &target,
-            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
-        )
-        .map_err(|e| RuntimeError::io("move_mount", &target, e.into()))?;
+        attach(&tree, &target)?;
         out.push(target);
     }
     Ok(out)
+}
+
+/// Open the host path of `m` safely and clone its mount tree, creating the
+/// mount point `target` (a directory or a file, like the source).
+pub fn clone_tree(m: &ResolvedMount, target: &Path) -> Result<OwnedFd> {
+    let src = m.open()?;
+    if crate::hostpath::is_dir(&src) {
+        std::fs::create_dir_all(target).map_err(|e| RuntimeError::io("mkdir", target, e))?;
+    } else {
+        File::create(target).map_err(|e| RuntimeError::io("create", target, e))?;
+    }
+    open_tree(
+        src.as_fd(),
+        "",
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_EMPTY_PATH,
+    )
+    .map_err(|e| RuntimeError::io("open_tree", &m.host_path, e.into()))
+}
+
+/// Attach a cloned tree at `target`.
+pub fn attach(tree: &OwnedFd, target: &Path) -> Result<()> {
+    move_mount(
+        tree.as_fd(),
+        "",
+        CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(|e| RuntimeError::io("move_mount", target, e.into()))
+}
+
+/// A read-only (when asked), nosuid, nodev bind of each host mount at
+/// `<staging>/<n>`, made from a descriptor opened without following
+/// symlinks (for virtiofsd, which takes a path). `staging` must not be
+/// writable by anything the sandbox controls.
+pub fn stage_plain(staging: &Path, mounts: &[ResolvedMount]) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(staging).map_err(|e| RuntimeError::io("mkdir", staging, e))?;
+    std::fs::set_permissions(staging, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(|e| RuntimeError::io("chmod", staging, e))?;
+    let mut out = vec![];
+    for (i, m) in mounts.iter().enumerate() {
+        let target = staging.join(i.to_string());
+        let tree = clone_tree(m, &target)?;
+        let mut attr = MountAttr {
+            attr_set: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        if m.read_only {
+            attr.attr_set |= MOUNT_ATTR_RDONLY;
+        }
+        setattr(&tree, &attr).map_err(|e| RuntimeError::io("mount_setattr", &m.host_path, e))?;
+        attach(&tree, &target)?;
+        out.push(target);
+    }
+    Ok(out)
+}
+
+/// Unmount and remove what [`stage_plain`] made (idempotent). Only empty
+/// directories are removed (`rmdir`), so a mount that could not be undone
+/// keeps its files untouched.
+pub fn unstage_plain(staging: &Path) -> Result<()> {
+    let Ok(rd) = std::fs::read_dir(staging) else {
+        return Ok(());
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        super::rootfs::unmount_all(&p)?;
+        let removed = if p.is_dir() {
+            std::fs::remove_dir(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        removed.map_err(|e| RuntimeError::io("remove", &p, e))?;
+    }
+    std::fs::remove_dir(staging).map_err(|e| RuntimeError::io("rmdir", staging, e))
 }
 
 /// Unmount every staged mount (idempotent).

@@ -213,7 +213,21 @@ impl MicrovmBackend {
         if let Some(id) = owner {
             identity::give(&disk, id)?;
         }
-        let shares = virtiofs::start(&self.cfg.virtiofsd, &spec.dir, &spec.mounts, owner).await?;
+        let sources = if spec.mounts.is_empty() {
+            vec![]
+        } else {
+            let staging = crate::backend::host_mount_staging(spec);
+            crate::container::idmap::unstage_plain(&staging)?;
+            crate::container::idmap::stage_plain(&staging, &spec.mounts)?
+        };
+        let shares = virtiofs::start(
+            &self.cfg.virtiofsd,
+            &spec.dir,
+            &spec.mounts,
+            &sources,
+            owner,
+        )
+        .await?;
         if let Some(lease) = &spec.net {
             crate::network::links::tap(lease, owner.map(|o| o.uid)).await?;
         }
@@ -313,6 +327,7 @@ impl Backend for MicrovmBackend {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = std::fs::remove_file(self.mem_file(spec));
+        crate::container::idmap::unstage_plain(&crate::backend::host_mount_staging(spec))?;
         remove_sandbox_dir(&spec.dir)
     }
 

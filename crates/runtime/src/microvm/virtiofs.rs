@@ -78,6 +78,7 @@ pub async fn start(
     binary: &Path,
     dir: &Path,
     mounts: &[ResolvedMount],
+    sources: &[PathBuf],
     owner: Option<VmIdentity>,
 ) -> Result<Vec<Share>> {
     let shares = shares(dir, mounts);
@@ -90,11 +91,11 @@ pub async fn start(
             binary.display()
         )));
     }
-    for (share, m) in shares.iter().zip(mounts) {
+    for ((share, m), source) in shares.iter().zip(mounts).zip(sources) {
         let log_path = dir.join(format!("vfs-{}.log", &share.tag[2..]));
         let mut cmd = std::process::Command::new(binary);
         cmd.arg("--shared-dir")
-            .arg(&m.host_path)
+            .arg(source)
             .arg("--socket-path")
             .arg(&share.socket)
             .args([
@@ -155,6 +156,7 @@ mod tests {
     fn cmdline_escapes_separators() {
         let m = |p: &str, ro| ResolvedMount {
             host_path: "/h".into(),
+            root: None,
             guest_path: p.into(),
             read_only: ro,
         };
