@@ -268,13 +268,27 @@ impl Daemon {
         path: &str,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
+        self.call_as(TOKEN, method, path, body).await
+    }
+
+    /// [`Daemon::call`] with another bearer token.
+    pub async fn call_as(
+        &self,
+        token: &str,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let body = match body {
             Some(b) if method == Method::POST && path.trim_end_matches('/') == "/v1/sandboxes" => {
                 Some(with_isolation(b))
             }
             other => other,
         };
-        let mut r = self.req(method, path);
+        let mut r = self
+            .http
+            .request(method, format!("{}{}", self.url, path))
+            .bearer_auth(token);
         if let Some(b) = body {
             r = r.json(&b);
         }

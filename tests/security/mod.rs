@@ -11,4 +11,5 @@ pub fn with_iso(mut body: Value) -> Value {
     body
 }
 
+pub mod agent_socket;
 pub mod mounts;

@@ -6,8 +6,10 @@
 //! Must not: handle requests (see [`server`]) or know how a byte stream is
 //! obtained (see [`transport`]).
 //!
-//! Usage: `sandforge-agent --listen /path/agent.sock` (unix socket, for
-//! containers) or `sandforge-agent --device /dev/vport0p1` (character device,
+//! Usage: `sandforge-agent --listen-fd 3` (a listening unix socket the
+//! supervisor made and passed in, for containers: the sandbox never sees
+//! its path), `sandforge-agent --listen /path/agent.sock` (bind it itself,
+//! for tests) or `sandforge-agent --device /dev/vport0p1` (character device,
 //! for microVMs); `--version` prints the version. Run as `/init` (or with
 //! `--init`) as PID 1 of a microVM's initramfs, it boots the guest first and
 //! then execs its own `--device` mode (see [`init`]).
@@ -35,13 +37,14 @@ use std::sync::Arc;
 use rustix::fs::{Mode, OFlags};
 use tokio::signal::unix::{signal, SignalKind};
 
-const USAGE: &str = "usage: sandforge-agent (--listen <unix socket path> | --device <char device>)
+const USAGE: &str = "usage: sandforge-agent (--listen-fd <fd> | --listen <unix socket path> | --device <char device>)
        sandforge-agent --version";
 
 /// What the command line asks for.
 #[derive(Debug, PartialEq)]
 enum Cmd {
     Listen(PathBuf),
+    ListenFd(i32),
     Device(PathBuf),
     Version,
     Help,
@@ -55,31 +58,35 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cmd, String> {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
             _ => (arg, None),
         };
-        let next = match flag.as_str() {
-            "--version" | "-V" => Cmd::Version,
-            "--help" | "-h" => Cmd::Help,
-            "--listen" | "--device" => {
-                let value = inline
-                    .or_else(|| args.next())
-                    .filter(|v| !v.is_empty())
-                    .ok_or_else(|| format!("{flag} needs a path"))?;
-                if flag == "--listen" {
-                    Cmd::Listen(value.into())
-                } else {
-                    Cmd::Device(value.into())
+        let next =
+            match flag.as_str() {
+                "--version" | "-V" => Cmd::Version,
+                "--help" | "-h" => Cmd::Help,
+                "--listen" | "--device" | "--listen-fd" => {
+                    let value = inline
+                        .or_else(|| args.next())
+                        .filter(|v| !v.is_empty())
+                        .ok_or_else(|| format!("{flag} needs a value"))?;
+                    match flag.as_str() {
+                        "--listen" => Cmd::Listen(value.into()),
+                        "--device" => Cmd::Device(value.into()),
+                        _ => Cmd::ListenFd(value.parse().ok().filter(|fd| *fd > 2).ok_or_else(
+                            || format!("--listen-fd: {value:?} is not a descriptor above 2"),
+                        )?),
+                    }
                 }
-            }
-            other => return Err(format!("unknown argument {other:?}")),
-        };
+                other => return Err(format!("unknown argument {other:?}")),
+            };
         match (&cmd, &next) {
-            (Some(Cmd::Listen(_) | Cmd::Device(_)), Cmd::Listen(_) | Cmd::Device(_)) => {
-                return Err("give exactly one of --listen and --device".into())
-            }
+            (
+                Some(Cmd::Listen(_) | Cmd::Device(_) | Cmd::ListenFd(_)),
+                Cmd::Listen(_) | Cmd::Device(_) | Cmd::ListenFd(_),
+            ) => return Err("give exactly one of --listen-fd, --listen and --device".into()),
             (Some(Cmd::Version | Cmd::Help), _) => {}
             _ => cmd = Some(next),
         }
     }
-    cmd.ok_or_else(|| "missing --listen or --device".into())
+    cmd.ok_or_else(|| "missing --listen-fd, --listen or --device".into())
 }
 
 fn main() -> ExitCode {
@@ -106,7 +113,7 @@ fn main() -> ExitCode {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
         }
-        Cmd::Listen(_) | Cmd::Device(_) => {}
+        Cmd::Listen(_) | Cmd::ListenFd(_) | Cmd::Device(_) => {}
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -148,6 +155,7 @@ async fn run(cmd: Cmd) -> io::Result<()> {
     let serve = async {
         match &cmd {
             Cmd::Listen(path) => transport::listen_unix(path, agent).await,
+            Cmd::ListenFd(fd) => transport::listen_inherited(*fd, agent).await,
             Cmd::Device(path) => transport::serve_device(path, agent).await,
             Cmd::Version | Cmd::Help => Ok(()),
         }
@@ -194,6 +202,10 @@ mod tests {
         assert!(parse(&["--listen"]).is_err());
         assert!(parse(&["--listen="]).is_err());
         assert!(parse(&["--listen", "/a", "--device", "/b"]).is_err());
+        assert_eq!(parse(&["--listen-fd", "3"]), Ok(Cmd::ListenFd(3)));
+        assert!(parse(&["--listen-fd", "1"]).is_err());
+        assert!(parse(&["--listen-fd", "x"]).is_err());
+        assert!(parse(&["--listen-fd", "3", "--listen", "/a"]).is_err());
         assert!(parse(&["--bogus"]).is_err());
         assert!(parse(&["positional"]).is_err());
     }

@@ -63,6 +63,26 @@ pub async fn listen_unix(path: &Path, agent: Arc<Agent>) -> io::Result<()> {
     rustix::process::umask(old);
     let listener = bound?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    serve_listener(listener, agent).await
+}
+
+/// `--listen-fd`: serve on a listening unix socket inherited as `fd` (the
+/// supervisor bound it in a directory the sandbox cannot see or write, and
+/// runc passed it in with `--preserve-fds`). Only returns on an error.
+pub async fn listen_inherited(fd: i32, agent: Arc<Agent>) -> io::Result<()> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `fd` is the descriptor runc's `--preserve-fds` placed in this
+    // process before it started; nothing else in the agent opened or owns
+    // it (descriptors the runtime opens get numbers above it), and this is
+    // called once, so the listener below is its only owner.
+    let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+    // Not a listening unix socket (a wrong descriptor): fail loudly.
+    std_listener.local_addr()?;
+    std_listener.set_nonblocking(true)?;
+    serve_listener(UnixListener::from_std(std_listener)?, agent).await
+}
+
+async fn serve_listener(listener: UnixListener, agent: Arc<Agent>) -> io::Result<()> {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {

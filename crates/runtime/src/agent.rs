@@ -89,7 +89,7 @@ impl AgentClient {
 
     async fn connect(&self) -> Result<SendRequest<ReqBody>> {
         let open = || async {
-            UnixStream::connect(&self.inner.socket).await.map_err(|e| {
+            crate::sock::connect(&self.inner.socket).await.map_err(|e| {
                 RuntimeError::AgentUnavailable(format!("{}: {e}", self.inner.socket.display()))
             })
         };

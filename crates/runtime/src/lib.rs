@@ -15,6 +15,7 @@ pub mod hostpath;
 pub mod microvm;
 pub mod network;
 pub mod snapshot;
+pub mod sock;
 pub mod template;
 pub mod terminal;
 pub mod tool;

@@ -1,9 +1,12 @@
 //! The container backend: one runc container per sandbox, with the agent as
-//! the container's PID 1 listening on a unix socket bound out to the host.
+//! the container's PID 1 listening on a unix socket the supervisor bound in
+//! the sandbox's directory (root's, not visible inside) and passed in as a
+//! descriptor: nothing the sandbox can write lies on the path the
+//! supervisor connects to.
 //!
 //! Owns, per sandbox, everything under `<state>/sandboxes/<id>/`:
 //! `bundle/config.json` (the OCI spec), `rootfs/` (overlay mount point),
-//! `upper/` + `work/` (the sandbox's writable layer), `run/agent.sock`,
+//! `upper/` + `work/` (the sandbox's writable layer), `agent.sock`,
 //! `mounts/<n>` (staged id-mapped host mounts), `container.pid`,
 //! `console.log`; plus runc's state under `<state>/runc`
 //! and the cgroups `sandforge/<id>`. It must not touch other sandboxes'
@@ -53,7 +56,6 @@ struct Paths {
     rootfs: PathBuf,
     upper: PathBuf,
     work: PathBuf,
-    run: PathBuf,
     bundle: PathBuf,
     pid: PathBuf,
     log: PathBuf,
@@ -66,11 +68,10 @@ impl Paths {
             rootfs: dir.join("rootfs"),
             upper: dir.join("upper"),
             work: dir.join("work"),
-            run: dir.join("run"),
             bundle: dir.join("bundle"),
             pid: dir.join("container.pid"),
             log: dir.join("console.log"),
-            socket: dir.join("run/agent.sock"),
+            socket: dir.join("agent.sock"),
         }
     }
 }
@@ -126,17 +127,16 @@ impl ContainerBackend {
     async fn setup(&self, spec: &SandboxSpec) -> Result<AgentClient> {
         let p = Paths::of(&spec.dir);
         let shift = spec.template.uid_shift;
-        for d in [&spec.dir, &p.rootfs, &p.upper, &p.work, &p.run, &p.bundle] {
+        for d in [&spec.dir, &p.rootfs, &p.upper, &p.work, &p.bundle] {
             std::fs::create_dir_all(d).map_err(io("mkdir", d))?;
         }
         // The container's root (host uid `shift`) must traverse the sandbox
-        // directory, own its writable layer and create its socket.
+        // directory and own its writable layer; nothing else here is its.
         std::fs::set_permissions(&spec.dir, std::fs::Permissions::from_mode(0o711))
             .map_err(io("chmod", &spec.dir))?;
         std::fs::set_permissions(&p.upper, std::fs::Permissions::from_mode(0o755))
             .map_err(io("chmod", &p.upper))?;
         chown_shift(&p.upper, shift)?;
-        chown_shift(&p.run, shift)?;
         rootfs::mount_overlay(&spec.template.rootfs, &p.upper, &p.work, &p.rootfs)?;
         write_identity_files(&p.rootfs, &spec.hostname, shift)?;
         if let Some(lease) = &spec.net {
@@ -151,7 +151,6 @@ impl ContainerBackend {
             spec,
             &p.rootfs,
             &self.agent_binary,
-            &p.run,
             &sources,
             &self.cgroups_path(&spec.id),
         )?;
@@ -162,8 +161,9 @@ impl ContainerBackend {
         std::fs::write(&tmp, json).map_err(io("write", &tmp))?;
         std::fs::rename(&tmp, &cfg_path).map_err(io("rename", &cfg_path))?;
 
+        let listener = bind_agent_socket(&p.socket)?;
         self.runc
-            .run_detached(&spec.id, &p.bundle, &p.pid, &p.log)
+            .run_detached(&spec.id, &p.bundle, &p.pid, &p.log, listener)
             .await?;
         let pid: Option<u32> = std::fs::read_to_string(&p.pid)
             .ok()
@@ -187,6 +187,25 @@ impl ContainerBackend {
         })?;
         Ok(client)
     }
+}
+
+/// Bind the agent's socket at `path` (root's, 0600, in the sandbox's
+/// root-owned directory), replacing a stale one, and return the listening
+/// descriptor for the container's agent.
+fn bind_agent_socket(path: &Path) -> Result<std::os::fd::OwnedFd> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(RuntimeError::io("remove", path, e))
+        }
+        _ => {}
+    }
+    // No umask games (the umask is per process): a new socket is at most
+    // 0777 & !umask, never writable by others under any sane umask, and the
+    // mode is narrowed before the container exists.
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(io("bind", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io("chmod", path))?;
+    Ok(listener.into())
 }
 
 /// Wait (bounded) until a killed process has exited. A zombie counts as

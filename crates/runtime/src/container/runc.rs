@@ -51,6 +51,7 @@ impl Runc {
         bundle: &Path,
         pid_file: &Path,
         log: &Path,
+        agent_listener: std::os::fd::OwnedFd,
     ) -> Result<()> {
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -61,7 +62,14 @@ impl Runc {
             .try_clone()
             .map_err(|e| RuntimeError::io("dup", log, e))?;
         let mut c = self.cmd();
-        c.args(["run", "-d", "--bundle"])
+        // The agent's listening socket becomes the container's fd 3.
+        use command_fds::{CommandFdExt, FdMapping};
+        c.fd_mappings(vec![FdMapping {
+            parent_fd: agent_listener,
+            child_fd: super::spec::AGENT_LISTEN_FD,
+        }])
+        .map_err(|e| RuntimeError::Setup(format!("passing the agent socket to runc: {e}")))?;
+        c.args(["run", "-d", "--preserve-fds", "1", "--bundle"])
             .arg(bundle)
             .arg("--pid-file")
             .arg(pid_file)

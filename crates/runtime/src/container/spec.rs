@@ -25,8 +25,9 @@ use crate::error::{Result, RuntimeError};
 
 /// Where the agent binary and its socket directory appear inside.
 pub const GUEST_AGENT_PATH: &str = "/.sandforge/sandforge-agent";
-pub const GUEST_RUN_DIR: &str = "/.sandforge/run";
-pub const GUEST_SOCKET: &str = "/.sandforge/run/agent.sock";
+/// The descriptor the agent's listening socket arrives on (runc's
+/// `--preserve-fds 1`: the first preserved descriptor is 3).
+pub const AGENT_LISTEN_FD: i32 = 3;
 /// Size of the uid/gid range mapped into each container.
 pub const ID_RANGE: u32 = 65_536;
 
@@ -125,15 +126,15 @@ fn bind(dest: &str, src: &Path, ro: bool, extra: &[&str]) -> Result<Mount> {
         .map_err(err)
 }
 
-/// Build the spec. `rootfs` is the mounted overlay; `agent_binary` and
-/// `run_dir` are host paths bound into `/.sandforge`.
+/// Build the spec. `rootfs` is the mounted overlay; `agent_binary` is bound
+/// read-only into `/.sandforge`. The agent's socket is not in the
+/// container's filesystem at all: it listens on an inherited descriptor.
 /// `mount_sources[i]` is where `spec.mounts[i]` is bound from (its staged,
 /// id-mapped copy, or the host path itself).
 pub fn build(
     spec: &SandboxSpec,
     rootfs: &Path,
     agent_binary: &Path,
-    run_dir: &Path,
     mount_sources: &[std::path::PathBuf],
     cgroups_path: &str,
 ) -> Result<Spec> {
@@ -150,8 +151,8 @@ pub fn build(
         )
         .args(vec![
             GUEST_AGENT_PATH.to_string(),
-            "--listen".into(),
-            GUEST_SOCKET.into(),
+            "--listen-fd".into(),
+            AGENT_LISTEN_FD.to_string(),
         ])
         .env(vec![
             "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
@@ -180,12 +181,6 @@ pub fn build(
         agent_binary,
         true,
         &["nosuid", "nodev"],
-    )?);
-    mounts.push(bind(
-        GUEST_RUN_DIR,
-        run_dir,
-        false,
-        &["nosuid", "nodev", "noexec"],
     )?);
     for (m, src) in spec.mounts.iter().zip(mount_sources) {
         mounts.push(bind(&m.guest_path, src, m.read_only, &["nosuid", "nodev"])?);

@@ -127,7 +127,7 @@ pub async fn load_device_state(dir: &Path, qmp_sock: &Path, m: &Manifest) -> Res
     let uri = format!("unix:{}", sock.display());
     qmp::execute(qmp_sock, "migrate-incoming", Some(json!({ "uri": uri }))).await?;
     let mut stream = loop {
-        match tokio::net::UnixStream::connect(&sock).await {
+        match crate::sock::connect(&sock).await {
             Ok(s) => break s,
             Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(5)).await

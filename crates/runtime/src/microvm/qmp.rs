@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 
 use crate::error::{Result, RuntimeError};
 
@@ -37,7 +36,7 @@ async fn next(lines: &mut Lines) -> Result<Value> {
 /// Run `command` (with optional `arguments`) and return its `return` value.
 pub async fn execute(socket: &Path, command: &str, arguments: Option<Value>) -> Result<Value> {
     tokio::time::timeout(Duration::from_secs(5), async {
-        let stream = UnixStream::connect(socket).await.map_err(err)?;
+        let stream = crate::sock::connect(socket).await.map_err(err)?;
         let (r, mut w) = stream.into_split();
         let mut lines = BufReader::new(r).lines();
         next(&mut lines).await?; // greeting
