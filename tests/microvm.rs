@@ -23,7 +23,11 @@ fn expected_accel() -> &'static str {
 }
 
 fn qemu_pid(d: &Daemon, id: &str) -> u32 {
-    let p = d.state_dir().join("sandboxes").join(id).join("qemu.pid");
+    let p = d
+        .state_dir()
+        .join("sandboxes")
+        .join(id)
+        .join("qemu/qemu.pid");
     std::fs::read_to_string(&p).unwrap().trim().parse().unwrap()
 }
 

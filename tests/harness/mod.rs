@@ -375,8 +375,8 @@ impl Daemon {
     /// agent) or a microVM's QEMU.
     pub fn sandbox_pid(&self, id: &str) -> u32 {
         let dir = self.state_dir().join("sandboxes").join(id);
-        let file = if dir.join("qemu.pid").exists() {
-            "qemu.pid"
+        let file = if dir.join("qemu/qemu.pid").exists() {
+            "qemu/qemu.pid"
         } else {
             "container.pid"
         };
@@ -459,12 +459,26 @@ impl Daemon {
                 }
             }
         }
-        // VM memory files of this daemon's sandboxes.
+        // VM memory files of this daemon's sandboxes (in its own
+        // /dev/shm/sandforge-<hash> directory), and that directory.
+        let shm: Vec<PathBuf> = std::fs::read_dir("/dev/shm")
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.to_string_lossy().starts_with("/dev/shm/sandforge-"))
+                    .collect()
+            })
+            .unwrap_or_default();
         if let Ok(rd) = std::fs::read_dir(self.state_dir().join("sandboxes")) {
             for e in rd.flatten() {
                 let id = e.file_name().to_string_lossy().to_string();
-                let _ = std::fs::remove_file(format!("/dev/shm/sandforge/{id}.mem"));
+                for d in &shm {
+                    let _ = std::fs::remove_file(d.join(format!("{id}.mem")));
+                }
             }
+        }
+        for d in &shm {
+            let _ = std::fs::remove_dir(d); // only when empty
         }
     }
 }
@@ -479,8 +493,9 @@ impl Drop for Daemon {
             eprintln!("---- daemon log (tail) ----\n{tail}");
             if let Ok(rd) = std::fs::read_dir(self.state_dir().join("sandboxes")) {
                 for e in rd.flatten() {
-                    let c =
-                        std::fs::read_to_string(e.path().join("console.log")).unwrap_or_default();
+                    let c = std::fs::read_to_string(e.path().join("console.log"))
+                        .or_else(|_| std::fs::read_to_string(e.path().join("qemu/console.log")))
+                        .unwrap_or_default();
                     let tail = &c[c.len().saturating_sub(3000)..];
                     eprintln!(
                         "---- console of {} (tail) ----\n{tail}",
@@ -498,7 +513,7 @@ impl Drop for Daemon {
         for e in rd.flatten() {
             let id = e.file_name().to_string_lossy().to_string();
             // A VM: kill its QEMU (it outlives the daemon by design).
-            if let Some(pid) = std::fs::read_to_string(e.path().join("qemu.pid"))
+            if let Some(pid) = std::fs::read_to_string(e.path().join("qemu/qemu.pid"))
                 .ok()
                 .and_then(|p| p.trim().parse().ok())
             {

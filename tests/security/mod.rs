@@ -13,3 +13,4 @@ pub fn with_iso(mut body: Value) -> Value {
 
 pub mod agent_socket;
 pub mod mounts;
+pub mod state_files;

@@ -207,6 +207,12 @@ fn microvm_backend(cfg: &Config, state: &Path, agent: &Path) -> Result<MicrovmBa
     let initramfs = vm_dir.join("initramfs.cpio");
     microvm::initramfs::write_initramfs(agent, &cfg.guest_dir.join("modules"), &initramfs)
         .map_err(|e| format!("building {}: {e}", initramfs.display()))?;
+    // Every QEMU uid reads it (the agent binary and the guest's modules:
+    // nothing secret); nobody but root writes it.
+    for (p, mode) in [(&vm_dir, 0o711), (&initramfs, 0o644)] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("chmod {}: {e}", p.display()))?;
+    }
     MicrovmBackend::new(MicrovmConfig {
         qemu_binary: qemu,
         qemu_img,
@@ -217,9 +223,18 @@ fn microvm_backend(cfg: &Config, state: &Path, agent: &Path) -> Result<MicrovmBa
         boot_timeout: Duration::from_secs(cfg.vm_boot_timeout_secs),
         virtiofsd: cfg.virtiofsd.clone(),
         uid_base: cfg.vm_uid_base,
-        mem_dir: PathBuf::from("/dev/shm/sandforge"),
+        mem_dir: mem_dir(state),
     })
     .map_err(|e| e.to_string())
+}
+
+/// Where this daemon keeps its VMs' RAM files: a tmpfs directory of its
+/// own, named after its state directory, so two daemons never share one.
+pub fn mem_dir(state: &Path) -> PathBuf {
+    use sha2::Digest;
+    let real = std::fs::canonicalize(state).unwrap_or_else(|_| state.to_path_buf());
+    let hash = sha2::Sha256::digest(real.as_os_str().as_encoded_bytes());
+    PathBuf::from(format!("/dev/shm/sandforge-{}", &hex::encode(hash)[..12]))
 }
 
 /// Sandbox networking: the host side brought to what the database says is
@@ -279,6 +294,11 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServerError> {
         opts.listen,
         opts.state_dir,
     )?;
+    // Everything the daemon creates is private unless it says otherwise
+    // (state files 0600, directories 0700; the few that sandboxes must
+    // traverse are set to 0711 explicitly). Tools that create files for a
+    // sandbox get 022 back (`sandforge_runtime::tool::sandbox_umask`).
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let state = cfg.state_dir.clone();
     prepare_state_dir(&state)?;
     let _lock = lock_state_dir(&state)?;

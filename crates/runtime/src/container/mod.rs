@@ -165,6 +165,8 @@ impl ContainerBackend {
         self.runc
             .run_detached(&spec.id, &p.bundle, &p.pid, &p.log, listener)
             .await?;
+        // runc writes it with the tools' umask: the daemon's files are 0600.
+        let _ = std::fs::set_permissions(&p.pid, std::fs::Permissions::from_mode(0o600));
         let pid: Option<u32> = std::fs::read_to_string(&p.pid)
             .ok()
             .and_then(|s| s.trim().parse().ok());

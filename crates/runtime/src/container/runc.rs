@@ -25,6 +25,7 @@ impl Runc {
         c.arg("--root").arg(&self.root);
         c.stdin(Stdio::null());
         c.kill_on_drop(true);
+        crate::tool::sandbox_umask(&mut c);
         c
     }
 
@@ -184,7 +185,7 @@ impl Runc {
 /// The last `max` bytes of a file, lossily decoded (for error messages).
 pub fn tail_of(path: &Path, max: u64) -> String {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else {
+    let Some(mut f) = open_plain_file(path) else {
         return String::new();
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
@@ -192,4 +193,17 @@ pub fn tail_of(path: &Path, max: u64) -> String {
     let mut buf = Vec::new();
     let _ = f.read_to_end(&mut buf);
     String::from_utf8_lossy(&buf).trim().to_string()
+}
+
+/// Open a regular file for reading without following a symlink at its last
+/// component and without blocking on a FIFO: for files in a directory a
+/// sandbox's identity can write (a VM's console log and pid file).
+pub fn open_plain_file(path: &Path) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    f.metadata().ok()?.is_file().then_some(f)
 }

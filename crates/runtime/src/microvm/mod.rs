@@ -65,11 +65,7 @@ pub fn base_image(t: &Template) -> PathBuf {
 
 /// The pid of the sandbox's QEMU if it is alive and really ours.
 fn live_qemu(dir: &Path) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(qemu::pid_file(dir))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
+    let pid: u32 = tail_of(&qemu::pid_file(dir), 32).parse().ok()?;
     procs::is(pid, &qemu::agent_socket(dir)).then_some(pid)
 }
 
@@ -99,6 +95,12 @@ impl MicrovmBackend {
         };
         std::fs::create_dir_all(&cfg.mem_dir)
             .map_err(|e| RuntimeError::io("mkdir", &cfg.mem_dir, e))?;
+        // Root's; QEMU's uid only traverses it to open its own RAM file.
+        std::fs::set_permissions(
+            &cfg.mem_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )
+        .map_err(|e| RuntimeError::io("chmod", &cfg.mem_dir, e))?;
         let ids = identity::Identities::new(cfg.uid_base);
         Ok(Self { cfg, tsc_khz, ids })
     }
@@ -328,6 +330,7 @@ impl Backend for MicrovmBackend {
         }
         let _ = std::fs::remove_file(self.mem_file(spec));
         crate::container::idmap::unstage_plain(&crate::backend::host_mount_staging(spec))?;
+        self.ids.release(&spec.dir);
         remove_sandbox_dir(&spec.dir)
     }
 
@@ -430,6 +433,8 @@ impl Backend for MicrovmBackend {
         }
         std::fs::create_dir_all(dest).map_err(|e| RuntimeError::io("mkdir", dest, e))?;
         crate::snapshot::copy_tree(&spec.dir.join("disk.qcow2"), &dest.join("disk.qcow2")).await?;
+        // The copy is the daemon's alone: the VM's uid may go to another VM.
+        identity::take_back(&dest.join("disk.qcow2"))?;
         crate::snapshot::link_or_copy_dir(
             &memsnap::dir(&spec.dir),
             &dest.join("snap"),

@@ -33,8 +33,9 @@ fn io<'a>(op: &'static str, p: &'a Path) -> impl FnOnce(std::io::Error) -> Runti
     move |e| RuntimeError::io(op, p, e)
 }
 
+/// In the VM's own directory: on restore QEMU creates it (`-incoming`).
 pub fn migrate_socket(dir: &Path) -> PathBuf {
-    dir.join("migrate.sock")
+    super::identity::qemu_dir(dir).join("migrate.sock")
 }
 
 async fn set_ignore_shared(qmp_sock: &Path) -> Result<()> {

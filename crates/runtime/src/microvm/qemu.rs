@@ -44,20 +44,23 @@ pub const PORT_NAME: &str = "sandforge.agent";
 /// The descriptor number a VM's tap is passed to QEMU as.
 pub const TAP_FD: i32 = 3;
 
+// What QEMU itself creates lives in the VM's own `qemu/` directory (see
+// `identity`); the supervisor only reads there, never follows a link.
+
 pub fn agent_socket(dir: &Path) -> PathBuf {
-    dir.join("agent.sock")
+    super::identity::qemu_dir(dir).join("agent.sock")
 }
 
 pub fn qmp_socket(dir: &Path) -> PathBuf {
-    dir.join("qmp.sock")
+    super::identity::qemu_dir(dir).join("qmp.sock")
 }
 
 pub fn console_log(dir: &Path) -> PathBuf {
-    dir.join("console.log")
+    super::identity::qemu_dir(dir).join("console.log")
 }
 
 pub fn pid_file(dir: &Path) -> PathBuf {
-    dir.join("qemu.pid")
+    super::identity::qemu_dir(dir).join("qemu.pid")
 }
 
 /// The kernel command line.

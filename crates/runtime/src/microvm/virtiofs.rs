@@ -110,6 +110,7 @@ pub async fn start(
         if share.read_only {
             cmd.arg("--readonly");
         }
+        crate::tool::sandbox_umask_std(&mut cmd);
         let mut child = procs::spawn_detached(&mut cmd, &log_path, "virtiofsd")?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while !share.socket.exists() {
