@@ -13,6 +13,7 @@ pub mod cgroup;
 pub mod idmap;
 pub mod rootfs;
 pub mod runc;
+pub mod seccomp;
 pub mod spec;
 
 use std::os::unix::fs::PermissionsExt;
