@@ -228,6 +228,14 @@ async fn a_fork_bomb_then_stop_start_and_destroy() {
     if !vm() {
         fork_bomb(&d, &id, marker).await;
     }
+    // Its processes gone behind the daemon's back: start must not answer
+    // `running` (whether the monitor or start itself notices first).
+    sigkill(d.sandbox_pid(&id));
+    let (s, v) = d
+        .call(Method::POST, &format!("/v1/sandboxes/{id}/start"), None)
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    d.wait_status(&id, "failed").await;
     d.destroy(&id).await;
     assert_eq!(
         processes_named(marker),

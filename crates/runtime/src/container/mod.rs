@@ -190,6 +190,9 @@ impl ContainerBackend {
     }
 }
 
+/// How long emptying a container's cgroups may take before halt gives up.
+const KILL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Wait (bounded) until a killed process has exited. A zombie counts as
 /// gone: it holds no resource but its pid, and reaping it is the job of the
 /// host's init, since runc re-parents the container's init there.
@@ -332,6 +335,20 @@ impl ContainerBackend {
             .and_then(|s| s.trim().parse::<u32>().ok());
         if let Err(e) = self.runc.kill(&spec.id).await {
             tracing::debug!(id = %spec.id, "runc kill: {e}");
+        }
+        // The init's death makes the kernel kill its pid namespace, but a
+        // fork bomb (or a frozen container) can outlast that: empty every
+        // cgroup of the container for certain before runc and rmdir.
+        let (parent, id) = (self.cgroup_parent.clone(), spec.id.clone());
+        let killed =
+            tokio::task::spawn_blocking(move || cgroup::kill_all(&parent, &id, KILL_TIMEOUT))
+                .await
+                .map_err(|e| RuntimeError::Setup(format!("killing the cgroup: {e}")))?;
+        if let Err(left) = killed {
+            return Err(RuntimeError::Setup(format!(
+                "{} processes still in the sandbox's cgroups after {KILL_TIMEOUT:?}",
+                left.len()
+            )));
         }
         if let Some(pid) = init_pid {
             wait_gone(pid).await;
