@@ -127,6 +127,8 @@ impl ContainerBackend {
     async fn setup(&self, spec: &SandboxSpec) -> Result<AgentClient> {
         let p = Paths::of(&spec.dir);
         let shift = spec.template.uid_shift;
+        // A rollback a crash interrupted: finished or discarded, never half.
+        crate::snapshot::finish_load(&spec.dir)?;
         for d in [&spec.dir, &p.rootfs, &p.upper, &p.work, &p.run, &p.bundle] {
             std::fs::create_dir_all(d).map_err(io("mkdir", d))?;
         }
@@ -250,7 +252,9 @@ impl Backend for ContainerBackend {
 
     async fn probe(&self, spec: &SandboxSpec) -> Liveness {
         match self.runc.state(&spec.id).await {
-            Ok(Some(s)) if s == "running" => Liveness::Running,
+            // Paused is alive: frozen by a snapshot's copy or a warm
+            // pause that a crash cut short; reconcile thaws it.
+            Ok(Some(s)) if s == "running" || s == "paused" => Liveness::Running,
             Ok(Some(s)) => Liveness::Dead(format!("container is {s}")),
             Ok(None) => Liveness::Dead("container no longer exists".into()),
             Err(e) => Liveness::Dead(e.to_string()),
@@ -302,15 +306,18 @@ impl Backend for ContainerBackend {
         r
     }
 
+    /// Staged: the layer is copied into `load.tmp/` beside an empty work
+    /// directory, committed, then moved over the old ones
+    /// ([`crate::snapshot::finish_load`]), so a crash leaves the old layer
+    /// or the new one.
     async fn load_from(&self, spec: &SandboxSpec, src: &Path) -> Result<()> {
-        let p = Paths::of(&spec.dir);
-        for d in [&p.upper, &p.work] {
-            if d.exists() {
-                std::fs::remove_dir_all(d).map_err(io("remove", d))?;
-            }
-        }
         std::fs::create_dir_all(&spec.dir).map_err(io("mkdir", &spec.dir))?;
-        crate::snapshot::copy_tree(&src.join("upper"), &p.upper).await?;
+        crate::snapshot::finish_load(&spec.dir)?;
+        let stage = crate::snapshot::load_staging(&spec.dir);
+        std::fs::create_dir_all(stage.join("work")).map_err(io("mkdir", &stage))?;
+        crate::snapshot::copy_tree(&src.join("upper"), &stage.join("upper")).await?;
+        crate::snapshot::commit_load(&spec.dir)?;
+        crate::snapshot::finish_load(&spec.dir)?;
         crate::backend::mark_stopped(&spec.dir)
     }
 
