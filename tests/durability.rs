@@ -156,17 +156,22 @@ fn processes_named(marker: &str) -> Vec<u32> {
         .collect()
 }
 
-/// Start a fork bomb in the sandbox, bounded by the sandbox's pids limit (a
-/// container) or by `ulimit -u` for an unprivileged user (a VM, whose
-/// kernel has no cgroup limit from us), and wait until it has grown.
+/// Start a fork bomb in the sandbox. A container's is the classic one,
+/// bounded by the sandbox's pids limit and churning at it. A VM's kernel
+/// has no cgroup limit from us and its memory (the bomb with it) comes
+/// back on start, where a churning bomb would starve the agent of a TCG
+/// vCPU: there an unprivileged user (`ulimit -u 64`) forks until the
+/// kernel refuses, then every process waits.
 async fn fork_bomb(d: &Daemon, id: &str, marker: &str) {
-    let bomb = "b() { b | b & }; b";
     let cmd = if vm() {
+        let bomb = "import os, signal\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        break\nsignal.pause()\n";
         format!(
-            "ulimit -u 64; setpriv --reuid=65534 --regid=65534 --clear-groups \
-             bash -c '{bomb}' {marker} >/dev/null 2>&1 & sleep 3; echo started"
+            "printf '{bomb}' > /tmp/bomb.py; ulimit -u 64; setpriv --reuid=65534 --regid=65534 \
+             --clear-groups python3 /tmp/bomb.py {marker} >/dev/null 2>&1 & \
+             while [ $(pgrep -c -f {marker}) -lt 60 ]; do sleep 0.2; done; echo started"
         )
     } else {
+        let bomb = "b() { b | b & }; b";
         format!("bash -c '{bomb}' {marker} >/dev/null 2>&1 & echo started")
     };
     let (s, v) = d

@@ -146,15 +146,22 @@ pub fn staging_sandbox(path: &Path) -> Option<String> {
 /// them (a `cp` a killed daemon left running: it would go on filling the
 /// disk, or recreate what is being removed).
 pub fn discard(dirs: &[PathBuf]) -> Result<()> {
-    let dirs: Vec<PathBuf> = dirs.iter().filter(|d| d.exists()).cloned().collect();
+    let dirs: Vec<PathBuf> = dirs
+        .iter()
+        .filter(|d| std::fs::symlink_metadata(d).is_ok())
+        .cloned()
+        .collect();
     if dirs.is_empty() {
         return Ok(());
     }
     kill_writers(&dirs);
     for d in &dirs {
-        if d.exists() {
-            std::fs::remove_dir_all(d).map_err(|e| RuntimeError::io("remove", d, e))?;
-        }
+        let r = match std::fs::symlink_metadata(d) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(d),
+            Ok(_) => std::fs::remove_file(d),
+            Err(_) => Ok(()),
+        };
+        r.map_err(|e| RuntimeError::io("remove", d, e))?;
     }
     Ok(())
 }

@@ -21,7 +21,10 @@ impl Controller {
     pub async fn reconcile(&self) -> Result<(), ApiError> {
         // Half-made snapshots first: a copy a killed daemon left running
         // must not go on writing while the sandbox it froze is thawed.
-        let restart_after_copy = self.sweep_snapshots()?;
+        let restart_after_copy = self.sweep_snapshots().unwrap_or_else(|e| {
+            tracing::error!("sweeping snapshot staging: {}", e.message);
+            vec![]
+        });
         let rows = self.db.list_sandboxes(None)?;
         for row in &rows {
             match row.status {
