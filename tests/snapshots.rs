@@ -209,6 +209,16 @@ async fn a_daemon_killed_during_a_snapshot_recovers() {
     assert_eq!(sb["status"], "running", "{sb}");
     assert_eq!(d.sh_ok(&id, "cat /root/f").await, "kept\n");
     assert_eq!(staging_under(&d.state_dir()), Vec::<String>::new());
+    // And no copy the killed daemon started goes on writing.
+    let state = d.state_dir().display().to_string();
+    let copies: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.starts_with("cp ") && c.contains(&state))
+        .collect();
+    assert_eq!(copies, Vec::<String>::new(), "copies still running");
     let (_, list) = d
         .call(Method::GET, &format!("/v1/sandboxes/{id}/snapshots"), None)
         .await;

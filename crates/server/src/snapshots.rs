@@ -129,10 +129,17 @@ impl Controller {
         Ok(restart)
     }
 
-    /// Remove the snapshot staging of a sandbox being destroyed.
-    pub(crate) fn discard_staging(&self, id: &str) -> Result<(), ApiError> {
-        let dir = self.cfg.state_dir.join("snapshots");
-        Ok(snapshot::discard(&snapshot::staging_of(&dir, id))?)
+    /// Remove the snapshot staging of a sandbox being destroyed (off the
+    /// async workers: it may wait for a copy it kills).
+    pub(crate) async fn discard_staging(&self, id: &str) -> Result<(), ApiError> {
+        let staged = snapshot::staging_of(&self.cfg.state_dir.join("snapshots"), id);
+        if staged.is_empty() {
+            return Ok(());
+        }
+        tokio::task::spawn_blocking(move || snapshot::discard(&staged))
+            .await
+            .map_err(|e| ApiError::internal(format!("discarding snapshot staging: {e}")))??;
+        Ok(())
     }
 
     pub fn snapshots(&self, org: &str, id: &str) -> Result<Vec<SnapshotRow>, ApiError> {
