@@ -241,3 +241,74 @@ async fn a_daemon_killed_during_a_snapshot_recovers() {
         .collect();
     assert_eq!(left, Vec::<String>::new(), "left under the state dir");
 }
+
+/// The rollback half of item 11: a daemon killed while a rollback copies
+/// the snapshot in leaves the old state or the new one, never half (the
+/// old code removed the writable layer first, then copied).
+#[tokio::test]
+async fn a_daemon_killed_during_a_rollback_leaves_old_or_new() {
+    let mut d = Daemon::start().await;
+    let id = d
+        .create_id(json!({"memory_mb": 256, "network": "offline"}))
+        .await;
+    let mb = if vm() { 150 } else { 300 };
+    let sum = d
+        .sh_ok(
+            &id,
+            &format!(
+                "echo new > /root/f; head -c {mb}M /dev/urandom > /root/big; sync; md5sum < /root/big"
+            ),
+        )
+        .await;
+    let (s, snap) = post(
+        &d,
+        &format!("/v1/sandboxes/{id}/snapshots"),
+        Some(json!({"name": "target"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{snap}");
+    let sid = snap["id"].as_str().unwrap().to_string();
+    d.sh_ok(&id, "echo old > /root/f; rm /root/big; sync").await;
+
+    let dir = d.state_dir().join("sandboxes").join(&id);
+    let req = d
+        .req(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/snapshots/{sid}/rollback"),
+        )
+        .send();
+    let watch = async {
+        // The load has begun once its staging directory exists.
+        while !dir.join("load.tmp").exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
+    tokio::select! {
+        r = req => panic!("the rollback finished before it could be interrupted: {:?}", r.map(|r| r.status())),
+        _ = watch => {}
+    }
+    d.kill9();
+    d.restart().await;
+
+    // Whatever the status, the next request runs it, on a whole state.
+    let f = d.sh_ok(&id, "cat /root/f").await;
+    let big = d
+        .sh(&id, "md5sum < /root/big 2>/dev/null || echo none")
+        .await["stdout"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eprintln!("after a crash during the rollback: /root/f = {}", f.trim());
+    match f.as_str() {
+        "new\n" => assert_eq!(big, sum, "the new state, but its big file differs"),
+        "old\n" => assert_eq!(big, "none\n", "the old state, but with part of the new"),
+        other => panic!("neither state: /root/f = {other:?}"),
+    }
+    assert_eq!(staging_under(&d.state_dir()), Vec::<String>::new());
+    assert!(
+        !dir.join("load").exists(),
+        "a committed load was not finished"
+    );
+    d.destroy(&id).await;
+    assert_eq!(d.leftovers(&id), Vec::<String>::new());
+}
