@@ -106,10 +106,11 @@ impl Controller {
         result
     }
 
-    /// At daemon start, before anything runs: discard every snapshot a
-    /// crash left half-made (killing a copy still writing into it) and
-    /// every snapshot directory the database does not know. Returns the
-    /// sandboxes that were stopped for a copy and must run again.
+    /// At daemon start, before anything runs: finish or discard every load
+    /// a crash interrupted, discard every snapshot a crash left half-made
+    /// (killing a copy still writing into it) and every snapshot directory
+    /// the database does not know. Returns the sandboxes that were stopped
+    /// for a copy and must run again.
     pub(crate) fn sweep_snapshots(&self) -> Result<Vec<String>, ApiError> {
         let dir = self.cfg.state_dir.join("snapshots");
         let staged: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
@@ -120,6 +121,25 @@ impl Controller {
             .filter(|p| p.join(RESTART_NOTE).exists())
             .filter_map(|p| snapshot::staging_sandbox(p))
             .collect();
+        // Loads (rollback, fork) a crash interrupted: finished or discarded
+        // now, so no staging outlives the restart even in a sandbox that
+        // stays stopped.
+        let sandboxes = self.cfg.state_dir.join("sandboxes");
+        for e in std::fs::read_dir(&sandboxes)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            match snapshot::finish_load(&e.path()) {
+                Ok(true) => {
+                    tracing::warn!(path = %e.path().display(), "finished a load a crash interrupted")
+                }
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::error!(path = %e.path().display(), "finishing an interrupted load: {err}")
+                }
+            }
+        }
         let db = &self.db;
         // Only what the database surely does not know is removed.
         let swept = snapshot::sweep(&dir, |sid| !matches!(db.get_snapshot(sid), Ok(None)))?;
