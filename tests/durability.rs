@@ -204,9 +204,15 @@ async fn a_fork_bomb_then_stop_start_and_destroy() {
     let marker = "sf-bomb-4711";
     fork_bomb(&d, &id, marker).await;
 
+    let pids = cgroup_pids(&id);
+    let t0 = std::time::Instant::now();
     let (s, v) = d
         .call(Method::POST, &format!("/v1/sandboxes/{id}/stop"), None)
         .await;
+    eprintln!(
+        "stop with a fork bomb running ({pids} tasks in the pids cgroup): {} ms",
+        t0.elapsed().as_millis()
+    );
     assert_eq!(
         (s, v["status"].as_str()),
         (StatusCode::OK, Some("stopped")),
@@ -229,12 +235,28 @@ async fn a_fork_bomb_then_stop_start_and_destroy() {
     );
     assert_eq!(d.sh_ok(&id, "cat /root/f").await, "kept\n");
 
-    // Again, then destroy: nothing left.
+    // Again, then destroy: no cgroup, no process left.
     if !vm() {
         fork_bomb(&d, &id, marker).await;
     }
-    // Its processes gone behind the daemon's back: start must not answer
+    let (pids, t0) = (cgroup_pids(&id), std::time::Instant::now());
+    d.destroy(&id).await;
+    eprintln!(
+        "destroy with a fork bomb running ({pids} tasks): {} ms",
+        t0.elapsed().as_millis()
+    );
+    assert_eq!(
+        processes_named(marker),
+        Vec::<u32>::new(),
+        "bomb survived destroy"
+    );
+    assert_eq!(d.leftovers(&id), Vec::<String>::new());
+
+    // Processes gone behind the daemon's back: start must not answer
     // `running` (whether the monitor or start itself notices first).
+    let id = d
+        .create_id(json!({"memory_mb": 256, "network": "offline"}))
+        .await;
     sigkill(d.sandbox_pid(&id));
     let (s, v) = d
         .call(Method::POST, &format!("/v1/sandboxes/{id}/start"), None)
@@ -242,10 +264,5 @@ async fn a_fork_bomb_then_stop_start_and_destroy() {
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
     d.wait_status(&id, "failed").await;
     d.destroy(&id).await;
-    assert_eq!(
-        processes_named(marker),
-        Vec::<u32>::new(),
-        "bomb survived destroy"
-    );
     assert_eq!(d.leftovers(&id), Vec::<String>::new());
 }

@@ -290,7 +290,10 @@ async fn a_daemon_killed_during_a_rollback_leaves_old_or_new() {
     d.kill9();
     d.restart().await;
     // The start cleaned the staging, before anything asked for the sandbox.
-    assert!(!dir.join("load.tmp").exists(), "staging survived the restart");
+    assert!(
+        !dir.join("load.tmp").exists(),
+        "staging survived the restart"
+    );
 
     // Whatever the status, the next request runs it, on a whole state.
     let f = d.sh_ok(&id, "cat /root/f").await;
