@@ -120,6 +120,20 @@ fn wait_frozen(cgroups: &[PathBuf], limit: Duration) {
     }
 }
 
+/// Wait (bounded) until the cgroups list no task; whether they emptied.
+fn wait_empty(cgroups: &[PathBuf], limit: Duration) -> bool {
+    let t0 = Instant::now();
+    loop {
+        if listed_pids(cgroups).is_empty() {
+            return true;
+        }
+        if t0.elapsed() >= limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// End every process in the container's cgroups and wait until they are
 /// all empty; `Err` with the pids still listed after `limit`. Blocking:
 /// call it off the async workers.
@@ -133,14 +147,21 @@ pub fn kill_all(parent: &str, id: &str, limit: Duration) -> Result<(), Vec<i32>>
             set_frozen(&cgroups, false);
             return Ok(());
         }
-        set_frozen(&cgroups, true);
-        wait_frozen(&cgroups, Duration::from_millis(500));
+        // cgroup.kill (v2) is atomic against forks: where the kernel has it
+        // it does the whole job; the freezer round makes v1 (and older v2)
+        // just as certain.
+        let mut has_kill = false;
         for d in &cgroups {
             let kill = d.join("cgroup.kill");
             if kill.exists() {
-                let _ = std::fs::write(&kill, "1");
+                has_kill |= std::fs::write(&kill, "1").is_ok();
             }
         }
+        if has_kill && wait_empty(&cgroups, Duration::from_millis(500)) {
+            continue;
+        }
+        set_frozen(&cgroups, true);
+        wait_frozen(&cgroups, Duration::from_millis(500));
         for pid in listed_pids(&cgroups) {
             if let Some(pid) = rustix::process::Pid::from_raw(pid) {
                 // ESRCH (already gone) is what we want anyway.

@@ -340,9 +340,11 @@ impl ContainerBackend {
         let init_pid = std::fs::read_to_string(&p.pid)
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok());
+        let t0 = std::time::Instant::now();
         if let Err(e) = self.runc.kill(&spec.id).await {
             tracing::debug!(id = %spec.id, "runc kill: {e}");
         }
+        let t_runc_kill = t0.elapsed();
         // The init's death makes the kernel kill its pid namespace, but a
         // fork bomb (or a frozen container) can outlast that: empty every
         // cgroup of the container for certain before runc and rmdir.
@@ -357,10 +359,18 @@ impl ContainerBackend {
                 left.len()
             )));
         }
+        let t_cgroup_kill = t0.elapsed();
         if let Some(pid) = init_pid {
             wait_gone(pid).await;
         }
         self.runc.delete_force(&spec.id).await?;
+        tracing::info!(
+            id = %spec.id,
+            runc_kill_ms = t_runc_kill.as_millis() as u64,
+            cgroup_kill_ms = (t_cgroup_kill - t_runc_kill).as_millis() as u64,
+            delete_ms = (t0.elapsed() - t_cgroup_kill).as_millis() as u64,
+            "container halted"
+        );
         let left = cgroup::remove(&self.cgroup_parent, &spec.id);
         if !left.is_empty() {
             return Err(RuntimeError::Setup(format!(
