@@ -3,7 +3,7 @@
 //! resource (processes, mounts, cgroups, directories, runc state).
 
 use reqwest::{Method, StatusCode};
-use sandforge_tests::{gone_or_zombie, sigkill, Daemon};
+use sandforge_tests::{gone_or_zombie, sigkill, vm, Daemon};
 use serde_json::json;
 
 #[tokio::test]
@@ -129,4 +129,140 @@ async fn state_is_in_one_sqlite_file() {
         "{hashes}"
     );
     d.destroy(&id).await;
+}
+
+/// Tasks in the container's pids cgroup (v1 or v2), from the host.
+fn cgroup_pids(id: &str) -> u64 {
+    [
+        format!("/sys/fs/cgroup/pids/sandforge/{id}/pids.current"),
+        format!("/sys/fs/cgroup/sandforge/{id}/pids.current"),
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok())
+    .and_then(|s| s.trim().parse().ok())
+    .unwrap_or(0)
+}
+
+/// Host processes whose command line holds `marker` (not zombies).
+fn processes_named(marker: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            (String::from_utf8_lossy(&cmd).contains(marker) && !gone_or_zombie(pid)).then_some(pid)
+        })
+        .collect()
+}
+
+/// Start a fork bomb in the sandbox. A container's is the classic one,
+/// bounded by the sandbox's pids limit and churning at it. A VM's kernel
+/// has no cgroup limit from us and its memory (the bomb with it) comes
+/// back on start, where a churning bomb would starve the agent of a TCG
+/// vCPU: there an unprivileged user (`ulimit -u 64`) forks until the
+/// kernel refuses, then every process waits.
+async fn fork_bomb(d: &Daemon, id: &str, marker: &str) {
+    let cmd = if vm() {
+        let bomb = "import os, signal\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        break\nsignal.pause()\n";
+        format!(
+            "printf '{bomb}' > /tmp/bomb.py; ulimit -u 64; setpriv --reuid=65534 --regid=65534 \
+             --clear-groups python3 /tmp/bomb.py {marker} >/dev/null 2>&1 & \
+             while [ $(pgrep -c -f {marker}) -lt 60 ]; do sleep 0.2; done; echo started"
+        )
+    } else {
+        let bomb = "b() { b | b & }; b";
+        format!("bash -c '{bomb}' {marker} >/dev/null 2>&1 & echo started")
+    };
+    let (s, v) = d
+        .execute(id, json!({"command": cmd, "timeout_seconds": 60}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    if !vm() {
+        // It fills the pids cgroup (1024 by default) within moments.
+        for _ in 0..600 {
+            if cgroup_pids(id) >= 500 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(cgroup_pids(id) >= 500, "the bomb never grew");
+    }
+}
+
+/// Item 12 of issue 11: a fork bomb then stop gave 503 "cgroups still
+/// present", then start answered `running` for a container that was gone.
+/// Stop must end the whole cgroup; start must only say running once the
+/// agent answers; destroy after a bomb leaves no cgroup and no process.
+#[tokio::test]
+async fn a_fork_bomb_then_stop_start_and_destroy() {
+    let d = Daemon::start().await;
+    let id = d
+        .create_id(json!({"memory_mb": 256, "network": "offline"}))
+        .await;
+    d.sh_ok(&id, "echo kept > /root/f").await;
+    let marker = "sf-bomb-4711";
+    fork_bomb(&d, &id, marker).await;
+
+    let pids = cgroup_pids(&id);
+    let t0 = std::time::Instant::now();
+    let (s, v) = d
+        .call(Method::POST, &format!("/v1/sandboxes/{id}/stop"), None)
+        .await;
+    eprintln!(
+        "stop with a fork bomb running ({pids} tasks in the pids cgroup): {} ms",
+        t0.elapsed().as_millis()
+    );
+    assert_eq!(
+        (s, v["status"].as_str()),
+        (StatusCode::OK, Some("stopped")),
+        "{v}"
+    );
+    if !vm() {
+        assert_eq!(
+            processes_named(marker),
+            Vec::<u32>::new(),
+            "bomb survived the stop"
+        );
+    }
+    let (s, v) = d
+        .call(Method::POST, &format!("/v1/sandboxes/{id}/start"), None)
+        .await;
+    assert_eq!(
+        (s, v["status"].as_str()),
+        (StatusCode::OK, Some("running")),
+        "{v}"
+    );
+    assert_eq!(d.sh_ok(&id, "cat /root/f").await, "kept\n");
+
+    // Again, then destroy: no cgroup, no process left.
+    if !vm() {
+        fork_bomb(&d, &id, marker).await;
+    }
+    let (pids, t0) = (cgroup_pids(&id), std::time::Instant::now());
+    d.destroy(&id).await;
+    eprintln!(
+        "destroy with a fork bomb running ({pids} tasks): {} ms",
+        t0.elapsed().as_millis()
+    );
+    assert_eq!(
+        processes_named(marker),
+        Vec::<u32>::new(),
+        "bomb survived destroy"
+    );
+    assert_eq!(d.leftovers(&id), Vec::<String>::new());
+
+    // Processes gone behind the daemon's back: start must not answer
+    // `running` (whether the monitor or start itself notices first).
+    let id = d
+        .create_id(json!({"memory_mb": 256, "network": "offline"}))
+        .await;
+    sigkill(d.sandbox_pid(&id));
+    let (s, v) = d
+        .call(Method::POST, &format!("/v1/sandboxes/{id}/start"), None)
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    d.wait_status(&id, "failed").await;
+    d.destroy(&id).await;
+    assert_eq!(d.leftovers(&id), Vec::<String>::new());
 }

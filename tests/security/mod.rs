@@ -13,4 +13,5 @@ pub fn with_iso(mut body: Value) -> Value {
 
 pub mod agent_socket;
 pub mod mounts;
+pub mod seccomp;
 pub mod state_files;

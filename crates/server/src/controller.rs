@@ -466,6 +466,7 @@ impl Controller {
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
         self.reclaim(&row).await?;
+        self.discard_staging(id).await?;
         self.db.delete_publish_all(id)?;
         self.db.set_status(id, SandboxStatus::Destroyed, None)?;
         self.ops

@@ -29,9 +29,14 @@ use sandforge_api::lifecycle::parse_duration;
 use sandforge_api::{Keepalive, Mode, Sandbox, SandboxStatus};
 use serde::Serialize;
 
+use sandforge_runtime::Liveness;
+
 use crate::controller::{not_running, Controller};
 use crate::db::SandboxRow;
 use crate::error::ApiError;
+
+/// How long `start` waits for a running sandbox's agent to answer.
+const AGENT_CHECK: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub struct Activity {
@@ -164,7 +169,9 @@ impl Controller {
         Ok(())
     }
 
-    /// `POST /sandboxes/{id}/start`.
+    /// `POST /sandboxes/{id}/start`. Answers `running` only for a sandbox
+    /// whose agent answers: one that the database calls running but whose
+    /// processes are gone becomes `failed` (409).
     pub async fn start(&self, org: &str, id: &str) -> Result<Sandbox, ApiError> {
         let row = self.get(org, id)?;
         if !matches!(
@@ -173,7 +180,32 @@ impl Controller {
         ) {
             return Err(not_running(&row));
         }
-        self.wake(org, id).await
+        let sandbox = self.wake(org, id).await?;
+        if row.status == SandboxStatus::Running {
+            self.verify_alive(org, id).await?;
+            return Ok(self.to_api(&self.get(org, id)?));
+        }
+        Ok(sandbox)
+    }
+
+    /// Check that a running sandbox's processes are there and its agent
+    /// answers; record it `failed` (409) when they are gone.
+    async fn verify_alive(&self, org: &str, id: &str) -> Result<(), ApiError> {
+        let row = self.get(org, id)?;
+        let backend = self.backend(row.spec.isolation)?;
+        let spec = self.spec_for(&row)?;
+        if let Liveness::Dead(reason) = backend.probe(&spec).await {
+            self.mark_failed(id, &reason).await;
+            return Err(not_running(&self.get(org, id)?));
+        }
+        let client = self.running_agent(org, id)?;
+        match tokio::time::timeout(AGENT_CHECK, client.info()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(self.agent_failed(id, e).await),
+            Err(_) => Err(self
+                .agent_failed(id, format!("no answer within {AGENT_CHECK:?}"))
+                .await),
+        }
     }
 
     /// `POST /sandboxes/{id}/stop`: state to disk, processes ended.
@@ -197,10 +229,26 @@ impl Controller {
         let backend = self.backend(row.spec.isolation)?;
         let spec = self.spec_for(&row)?;
         let t0 = Instant::now();
-        let report = backend.stop(&spec).await.map_err(|e| match e {
-            sandforge_runtime::RuntimeError::Unsupported(m) => ApiError::conflict("cannot_stop", m),
-            other => ApiError::from(other),
-        })?;
+        let report = match backend.stop(&spec).await {
+            Ok(r) => r,
+            Err(sandforge_runtime::RuntimeError::Unsupported(m)) => {
+                return Err(ApiError::conflict("cannot_stop", m))
+            }
+            Err(e) => {
+                // A stop that failed half-way may have ended the processes:
+                // a dead sandbox must not stay `running`.
+                if let Liveness::Dead(reason) = backend.probe(&spec).await {
+                    self.live
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(id);
+                    let reason = format!("stop failed: {e} ({reason})");
+                    self.db
+                        .set_status(id, SandboxStatus::Failed, Some(&reason))?;
+                }
+                return Err(ApiError::from(e));
+            }
+        };
         self.live
             .lock()
             .unwrap_or_else(|p| p.into_inner())

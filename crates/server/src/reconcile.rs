@@ -19,6 +19,12 @@ impl Controller {
     /// After a (re)start: adopt running sandboxes, fail the ones that died or
     /// were mid-create, and reclaim resources nobody owns any more.
     pub async fn reconcile(&self) -> Result<(), ApiError> {
+        // Half-made snapshots first: a copy a killed daemon left running
+        // must not go on writing while the sandbox it froze is thawed.
+        let restart_after_copy = self.sweep_snapshots().unwrap_or_else(|e| {
+            tracing::error!("sweeping snapshot staging: {}", e.message);
+            vec![]
+        });
         let rows = self.db.list_sandboxes(None)?;
         for row in &rows {
             match row.status {
@@ -98,6 +104,20 @@ impl Controller {
                         .set_status(&row.id, SandboxStatus::Failed, Some(reason))?;
                 }
                 _ => {}
+            }
+        }
+        // Sandboxes a snapshot stopped for its copy run again.
+        for id in restart_after_copy {
+            let Ok(Some(row)) = self.db.get_sandbox(&id) else {
+                continue;
+            };
+            if row.status == SandboxStatus::Stopped {
+                match self.wake(&row.org, &id).await {
+                    Ok(_) => tracing::info!(%id, "started again after an interrupted snapshot"),
+                    Err(e) => {
+                        tracing::warn!(%id, "starting after an interrupted snapshot: {}", e.message)
+                    }
+                }
             }
         }
         // Orphans: backend resources whose sandbox the database calls destroyed

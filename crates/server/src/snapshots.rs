@@ -16,6 +16,10 @@ use crate::controller::{new_id, not_running, Controller};
 use crate::db::{now, SandboxRow, SnapshotRow};
 use crate::error::ApiError;
 
+/// In a snapshot's staging directory: the sandbox was stopped for the copy
+/// and must be started again (a VM), also after a crash.
+pub(crate) const RESTART_NOTE: &str = "restart-after-copy";
+
 fn snapshot_id() -> String {
     crate::controller::random_id("snap")
 }
@@ -54,25 +58,34 @@ impl Controller {
         Self::can_run(&row)?;
         let vm = row.spec.isolation == Isolation::Microvm;
         let restart = vm && row.status != SandboxStatus::Stopped;
-        if restart {
-            self.stop(org, id).await?;
-        }
         let sid = snapshot_id();
         let dest = self.snapshot_dir(&sid);
+        let tmp = snapshot::staging(&dest, id);
+        if restart {
+            // The staging directory exists from before the VM is stopped,
+            // with a note that it must run again: a daemon killed in the
+            // middle finds it at start and starts the VM again.
+            std::fs::create_dir_all(&tmp)
+                .and_then(|_| std::fs::write(tmp.join(RESTART_NOTE), b""))
+                .map_err(|e| ApiError::internal(format!("staging {}: {e}", tmp.display())))?;
+            if let Err(e) = self.stop(org, id).await {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        }
         let result = async {
             let lock = self.op_lock(id);
             let _guard = lock.lock().await;
             let row = self.get(org, id)?;
             let backend = self.backend(row.spec.isolation)?;
             let spec = self.spec_for(&row)?;
-            let tmp = snapshot::staging(&dest);
-            let _ = std::fs::remove_dir_all(&tmp);
             let saved = backend.save_to(&spec, &tmp).await;
+            let _ = std::fs::remove_file(tmp.join(RESTART_NOTE));
             if let Err(e) = saved {
                 let _ = std::fs::remove_dir_all(&tmp);
                 return Err(ApiError::from(e));
             }
-            snapshot::publish(&dest)?;
+            snapshot::publish(&tmp, &dest)?;
             let s = SnapshotRow {
                 id: sid.clone(),
                 sandbox_id: id.to_string(),
@@ -91,6 +104,62 @@ impl Controller {
             self.wake(org, id).await?;
         }
         result
+    }
+
+    /// At daemon start, before anything runs: finish or discard every load
+    /// a crash interrupted, discard every snapshot a crash left half-made
+    /// (killing a copy still writing into it) and every snapshot directory
+    /// the database does not know. Returns the sandboxes that were stopped
+    /// for a copy and must run again.
+    pub(crate) fn sweep_snapshots(&self) -> Result<Vec<String>, ApiError> {
+        let dir = self.cfg.state_dir.join("snapshots");
+        let staged: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        let restart: Vec<String> = staged
+            .iter()
+            .filter(|p| p.join(RESTART_NOTE).exists())
+            .filter_map(|p| snapshot::staging_sandbox(p))
+            .collect();
+        // Loads (rollback, fork) a crash interrupted: finished or discarded
+        // now, so no staging outlives the restart even in a sandbox that
+        // stays stopped.
+        let sandboxes = self.cfg.state_dir.join("sandboxes");
+        for e in std::fs::read_dir(&sandboxes)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            match snapshot::finish_load(&e.path()) {
+                Ok(true) => {
+                    tracing::warn!(path = %e.path().display(), "finished a load a crash interrupted")
+                }
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::error!(path = %e.path().display(), "finishing an interrupted load: {err}")
+                }
+            }
+        }
+        let db = &self.db;
+        // Only what the database surely does not know is removed.
+        let swept = snapshot::sweep(&dir, |sid| !matches!(db.get_snapshot(sid), Ok(None)))?;
+        for p in &swept {
+            tracing::warn!(path = %p.display(), "discarded a snapshot a crash left half-made");
+        }
+        Ok(restart)
+    }
+
+    /// Remove the snapshot staging of a sandbox being destroyed (off the
+    /// async workers: it may wait for a copy it kills).
+    pub(crate) async fn discard_staging(&self, id: &str) -> Result<(), ApiError> {
+        let staged = snapshot::staging_of(&self.cfg.state_dir.join("snapshots"), id);
+        if staged.is_empty() {
+            return Ok(());
+        }
+        tokio::task::spawn_blocking(move || snapshot::discard(&staged))
+            .await
+            .map_err(|e| ApiError::internal(format!("discarding snapshot staging: {e}")))??;
+        Ok(())
     }
 
     pub fn snapshots(&self, org: &str, id: &str) -> Result<Vec<SnapshotRow>, ApiError> {

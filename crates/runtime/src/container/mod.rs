@@ -16,6 +16,7 @@ pub mod cgroup;
 pub mod idmap;
 pub mod rootfs;
 pub mod runc;
+pub mod seccomp;
 pub mod spec;
 
 use std::os::unix::fs::PermissionsExt;
@@ -127,6 +128,8 @@ impl ContainerBackend {
     async fn setup(&self, spec: &SandboxSpec) -> Result<AgentClient> {
         let p = Paths::of(&spec.dir);
         let shift = spec.template.uid_shift;
+        // A rollback a crash interrupted: finished or discarded, never half.
+        crate::snapshot::finish_load(&spec.dir)?;
         for d in [&spec.dir, &p.rootfs, &p.upper, &p.work, &p.bundle] {
             std::fs::create_dir_all(d).map_err(io("mkdir", d))?;
         }
@@ -210,6 +213,9 @@ fn bind_agent_socket(path: &Path) -> Result<std::os::fd::OwnedFd> {
     Ok(listener.into())
 }
 
+/// How long emptying a container's cgroups may take before halt gives up.
+const KILL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Wait (bounded) until a killed process has exited. A zombie counts as
 /// gone: it holds no resource but its pid, and reaping it is the job of the
 /// host's init, since runc re-parents the container's init there.
@@ -267,7 +273,9 @@ impl Backend for ContainerBackend {
 
     async fn probe(&self, spec: &SandboxSpec) -> Liveness {
         match self.runc.state(&spec.id).await {
-            Ok(Some(s)) if s == "running" => Liveness::Running,
+            // Paused is alive: frozen by a snapshot's copy or a warm
+            // pause that a crash cut short; reconcile thaws it.
+            Ok(Some(s)) if s == "running" || s == "paused" => Liveness::Running,
             Ok(Some(s)) => Liveness::Dead(format!("container is {s}")),
             Ok(None) => Liveness::Dead("container no longer exists".into()),
             Err(e) => Liveness::Dead(e.to_string()),
@@ -319,15 +327,18 @@ impl Backend for ContainerBackend {
         r
     }
 
+    /// Staged: the layer is copied into `load.tmp/` beside an empty work
+    /// directory, committed, then moved over the old ones
+    /// ([`crate::snapshot::finish_load`]), so a crash leaves the old layer
+    /// or the new one.
     async fn load_from(&self, spec: &SandboxSpec, src: &Path) -> Result<()> {
-        let p = Paths::of(&spec.dir);
-        for d in [&p.upper, &p.work] {
-            if d.exists() {
-                std::fs::remove_dir_all(d).map_err(io("remove", d))?;
-            }
-        }
         std::fs::create_dir_all(&spec.dir).map_err(io("mkdir", &spec.dir))?;
-        crate::snapshot::copy_tree(&src.join("upper"), &p.upper).await?;
+        crate::snapshot::finish_load(&spec.dir)?;
+        let stage = crate::snapshot::load_staging(&spec.dir);
+        std::fs::create_dir_all(stage.join("work")).map_err(io("mkdir", &stage))?;
+        crate::snapshot::copy_tree(&src.join("upper"), &stage.join("upper")).await?;
+        crate::snapshot::commit_load(&spec.dir)?;
+        crate::snapshot::finish_load(&spec.dir)?;
         crate::backend::mark_stopped(&spec.dir)
     }
 
@@ -350,13 +361,37 @@ impl ContainerBackend {
         let init_pid = std::fs::read_to_string(&p.pid)
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok());
+        let t0 = std::time::Instant::now();
         if let Err(e) = self.runc.kill(&spec.id).await {
             tracing::debug!(id = %spec.id, "runc kill: {e}");
         }
+        let t_runc_kill = t0.elapsed();
+        // The init's death makes the kernel kill its pid namespace, but a
+        // fork bomb (or a frozen container) can outlast that: empty every
+        // cgroup of the container for certain before runc and rmdir.
+        let (parent, id) = (self.cgroup_parent.clone(), spec.id.clone());
+        let killed =
+            tokio::task::spawn_blocking(move || cgroup::kill_all(&parent, &id, KILL_TIMEOUT))
+                .await
+                .map_err(|e| RuntimeError::Setup(format!("killing the cgroup: {e}")))?;
+        if let Err(left) = killed {
+            return Err(RuntimeError::Setup(format!(
+                "{} processes still in the sandbox's cgroups after {KILL_TIMEOUT:?}",
+                left.len()
+            )));
+        }
+        let t_cgroup_kill = t0.elapsed();
         if let Some(pid) = init_pid {
             wait_gone(pid).await;
         }
         self.runc.delete_force(&spec.id).await?;
+        tracing::info!(
+            id = %spec.id,
+            runc_kill_ms = t_runc_kill.as_millis() as u64,
+            cgroup_kill_ms = (t_cgroup_kill - t_runc_kill).as_millis() as u64,
+            delete_ms = (t0.elapsed() - t_cgroup_kill).as_millis() as u64,
+            "container halted"
+        );
         let left = cgroup::remove(&self.cgroup_parent, &spec.id);
         if !left.is_empty() {
             return Err(RuntimeError::Setup(format!(

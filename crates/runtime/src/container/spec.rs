@@ -6,17 +6,15 @@
 //! - cgroup limits: memory = `memory_mb` (no swap), CPU quota = `cpus`
 //!   cores, a pids cap, all devices denied but runc's defaults;
 //! - `noNewPrivileges`, a reduced capability set (Docker's default minus
-//!   `NET_RAW`, `MKNOD`, `AUDIT_WRITE`, `SETFCAP`), a seccomp deny-list of
-//!   syscalls that reach kernel surface a sandbox never needs, masked /proc
-//!   paths, read-only /sys.
+//!   `NET_RAW`, `MKNOD`, `AUDIT_WRITE`, `SETFCAP`), the seccomp allow-list of
+//!   [`super::seccomp`], masked /proc paths, read-only /sys.
 
 use std::path::Path;
 
 use oci_spec::runtime::{
-    Arch, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
-    LinuxDeviceCgroupBuilder, LinuxIdMappingBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder,
-    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, LinuxSeccompAction,
-    LinuxSeccompBuilder, LinuxSyscallBuilder, Mount, MountBuilder, ProcessBuilder, RootBuilder,
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDeviceCgroupBuilder,
+    LinuxIdMappingBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType,
+    LinuxPidsBuilder, LinuxResourcesBuilder, Mount, MountBuilder, ProcessBuilder, RootBuilder,
     Spec, SpecBuilder, UserBuilder,
 };
 
@@ -42,69 +40,6 @@ const CAPS: [Capability; 10] = [
     Capability::Setpcap,
     Capability::NetBindService,
     Capability::SysChroot,
-];
-
-/// Syscalls refused with EPERM. Namespaced root already cannot use most of
-/// them against the host; the list removes the kernel attack surface anyway.
-const DENIED_SYSCALLS: &[&str] = &[
-    "acct",
-    "add_key",
-    "bpf",
-    "clock_adjtime",
-    "clock_settime",
-    "create_module",
-    "delete_module",
-    "finit_module",
-    "fsconfig",
-    "fsmount",
-    "fsopen",
-    "fspick",
-    "get_kernel_syms",
-    "get_mempolicy",
-    "init_module",
-    "ioperm",
-    "iopl",
-    "kcmp",
-    "kexec_file_load",
-    "kexec_load",
-    "keyctl",
-    "lookup_dcookie",
-    "mbind",
-    "mount",
-    "mount_setattr",
-    "move_mount",
-    "move_pages",
-    "name_to_handle_at",
-    "nfsservctl",
-    "open_by_handle_at",
-    "open_tree",
-    "perf_event_open",
-    "pivot_root",
-    "process_vm_readv",
-    "process_vm_writev",
-    "ptrace",
-    "query_module",
-    "quotactl",
-    "quotactl_fd",
-    "reboot",
-    "request_key",
-    "set_mempolicy",
-    "setns",
-    "settimeofday",
-    "stime",
-    "swapoff",
-    "swapon",
-    "sysfs",
-    "syslog",
-    "umount",
-    "umount2",
-    "unshare",
-    "uselib",
-    "userfaultfd",
-    "ustat",
-    "vm86",
-    "vm86old",
-    "adjtimex",
 ];
 
 fn err(e: impl std::fmt::Display) -> RuntimeError {
@@ -232,26 +167,7 @@ pub fn build(
         .build()
         .map_err(err)?;
 
-    let seccomp = LinuxSeccompBuilder::default()
-        .default_action(LinuxSeccompAction::ScmpActAllow)
-        .architectures(vec![
-            Arch::ScmpArchX86_64,
-            Arch::ScmpArchX86,
-            Arch::ScmpArchX32,
-        ])
-        .syscalls(vec![LinuxSyscallBuilder::default()
-            .names(
-                DENIED_SYSCALLS
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect::<Vec<_>>(),
-            )
-            .action(LinuxSeccompAction::ScmpActErrno)
-            .errno_ret(libc::EPERM as u32)
-            .build()
-            .map_err(err)?])
-        .build()
-        .map_err(err)?;
+    let seccomp = super::seccomp::profile()?;
 
     let defaults = oci_spec::runtime::Linux::default();
     let linux = LinuxBuilder::default()

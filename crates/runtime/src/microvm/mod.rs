@@ -452,17 +452,29 @@ impl Backend for MicrovmBackend {
             Some(o) => Some(o),
             None => self.ids.claim(&self.cfg.sandboxes_dir, &spec.dir)?,
         };
-        let disk = spec.dir.join("disk.qcow2");
-        let _ = std::fs::remove_file(&disk);
+        // Staged: disk and memory chain must change together, so both are
+        // built in `load.tmp/`, committed, then moved over the old ones
+        // ([`crate::snapshot::finish_load`]): a crash leaves the old pair
+        // or the new one.
+        crate::snapshot::finish_load(&spec.dir)?;
+        let stage = crate::snapshot::load_staging(&spec.dir);
+        std::fs::create_dir_all(&stage).map_err(|e| RuntimeError::io("mkdir", &stage, e))?;
+        let disk = stage.join("disk.qcow2");
         crate::snapshot::copy_tree(&src.join("disk.qcow2"), &disk).await?;
         if let Some(id) = owner {
             identity::give(&disk, id)?;
         }
-        let snap = memsnap::dir(&spec.dir);
-        if snap.exists() {
-            std::fs::remove_dir_all(&snap).map_err(|e| RuntimeError::io("remove", &snap, e))?;
-        }
-        crate::snapshot::link_or_copy_dir(&src.join("snap"), &snap, crate::snapshot::immutable)?;
+        let snap_name = memsnap::dir(&spec.dir)
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_else(|| "snap".into());
+        crate::snapshot::link_or_copy_dir(
+            &src.join("snap"),
+            &stage.join(snap_name),
+            crate::snapshot::immutable,
+        )?;
+        crate::snapshot::commit_load(&spec.dir)?;
+        crate::snapshot::finish_load(&spec.dir)?;
         if let Some(lease) = &spec.net {
             if !std::path::Path::new("/sys/class/net")
                 .join(&lease.iface)
@@ -475,6 +487,8 @@ impl Backend for MicrovmBackend {
     }
 
     async fn restart(&self, spec: &SandboxSpec) -> Result<AgentClient> {
+        // A rollback a crash interrupted: finished or discarded, never half.
+        crate::snapshot::finish_load(&spec.dir)?;
         let m = memsnap::load(&spec.dir)
             .map_err(|e| RuntimeError::io("read", &spec.dir, e))?
             .ok_or_else(|| RuntimeError::Setup("no snapshot to start from".into()))?;
