@@ -1,2 +1,3 @@
 //! One module per attacked boundary (issue 11's items).
+pub mod connections;
 pub mod dns;
