@@ -48,7 +48,7 @@ pub struct Limits {
 const EVICT_WAIT: Duration = Duration::from_millis(500);
 
 const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
-content-type: application/json\r\nconnection: close\r\ncontent-length: 121\r\n\r\n\
+content-type: application/json\r\nconnection: close\r\ncontent-length: 116\r\n\r\n\
 {\"error\":{\"code\":\"too_many_connections\",\"message\":\"the supervisor has reached max_connections; retry\",\"field\":null}}";
 
 /// A live connection, as the accept loop sees it.
