@@ -118,6 +118,9 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     child: Option<Child>,
+    /// Extra environment of the daemon process (e.g. a `PATH` that puts a
+    /// counting wrapper in front of a host tool).
+    env: Vec<(String, String)>,
     pub http: reqwest::Client,
 }
 
@@ -129,6 +132,12 @@ impl Daemon {
 
     /// Start a daemon with `extra` YAML lines appended to its config.
     pub async fn start_with_config(allowed: &[&Path], extra: &str) -> Daemon {
+        Self::start_with_env(allowed, extra, &[]).await
+    }
+
+    /// Start a daemon with `extra` config lines and `env` added to its
+    /// environment.
+    pub async fn start_with_env(allowed: &[&Path], extra: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = scratch_dir("sf-test-");
         let port = free_port();
         let config = dir.path().join("config.yaml");
@@ -165,6 +174,10 @@ impl Daemon {
             dir,
             config,
             child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(120))
                 .build()
@@ -193,6 +206,7 @@ impl Daemon {
             .arg("--config")
             .arg(&self.config)
             .env("SANDFORGE_TOKEN", TOKEN)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
                 std::env::var("SANDFORGE_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -220,6 +234,11 @@ impl Daemon {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The daemon's pid (while it runs).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
     }
 
     pub fn log(&self) -> String {

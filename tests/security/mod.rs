@@ -12,6 +12,9 @@ pub fn with_iso(mut body: Value) -> Value {
 }
 
 pub mod agent_socket;
+pub mod connections;
+pub mod dns;
+pub mod memory;
 pub mod mounts;
 pub mod seccomp;
 pub mod state_files;

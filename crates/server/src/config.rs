@@ -77,6 +77,13 @@ pub struct Config {
     pub publish_listen: String,
     /// Published ports answer as `{alias}.{publish_domain}`.
     pub publish_domain: String,
+    /// Open connections per listener (API, publish); at the cap the oldest
+    /// idle one is closed for a new one, or the new one gets a 503.
+    pub max_connections: usize,
+    /// Seconds a connection has to send a complete request head, from its
+    /// opening or its previous response (so also the keep-alive idle
+    /// timeout).
+    pub header_timeout_secs: u64,
 }
 
 impl Default for Config {
@@ -112,6 +119,8 @@ impl Default for Config {
             thermal_cold_after_secs: 3600,
             publish_listen: "127.0.0.1:8586".into(),
             publish_domain: "sandforge.localhost".into(),
+            max_connections: 1024,
+            header_timeout_secs: 15,
         }
     }
 }
@@ -198,6 +207,16 @@ impl Config {
                 "accel: '{}' is not one of auto, kvm, tcg",
                 self.accel
             )));
+        }
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            return Err(ServerError::Config(
+                "max_connections: must be 1-1000000".into(),
+            ));
+        }
+        if !(1..=3600).contains(&self.header_timeout_secs) {
+            return Err(ServerError::Config(
+                "header_timeout_secs: must be 1-3600".into(),
+            ));
         }
         if self.pids_limit < 16 {
             return Err(ServerError::Config(

@@ -16,6 +16,7 @@ pub mod db;
 pub mod error;
 pub mod json;
 mod lifecycle;
+mod listener;
 mod network;
 mod proxy;
 mod publish;
@@ -300,6 +301,14 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServerError> {
     // sandbox get 022 back (`sandforge_runtime::tool::sandbox_umask`).
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let state = cfg.state_dir.clone();
+    let nofile = listener::raise_nofile();
+    if (nofile as u128) < 2 * cfg.max_connections as u128 + 256 {
+        tracing::warn!(
+            nofile,
+            max_connections = cfg.max_connections,
+            "RLIMIT_NOFILE is low for two listeners of max_connections each"
+        );
+    }
     prepare_state_dir(&state)?;
     let _lock = lock_state_dir(&state)?;
     let agent = install_agent(&cfg.resolve_agent_binary()?, &state)?;
@@ -371,30 +380,20 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServerError> {
     let published = routes::publish_router(AppState {
         controller: controller.clone(),
     });
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(no_delay(publish_listener), published).await {
-            tracing::error!("publish listener: {e}");
-        }
-    });
+    let limits = listener::Limits {
+        max_connections: cfg.max_connections,
+        header_timeout: Duration::from_secs(cfg.header_timeout_secs),
+    };
+    tokio::spawn(listener::serve(
+        publish_listener,
+        published,
+        limits,
+        std::future::pending(),
+    ));
     let app = routes::router(AppState { controller });
     tracing::info!(listen = %cfg.listen, state_dir = %state.display(), "sandforge supervisor ready");
-    axum::serve(no_delay(listener), app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|e| ServerError::Startup(e.to_string()))
-}
-
-/// No Nagle on accepted connections: streamed answers (ndjson exec,
-/// proxied bodies) would otherwise wait for the client's delayed ACK
-/// between small writes.
-fn no_delay(
-    l: tokio::net::TcpListener,
-) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
-    use axum::serve::ListenerExt;
-    fn set(tcp: &mut tokio::net::TcpStream) {
-        let _ = tcp.set_nodelay(true);
-    }
-    l.tap_io(set as fn(&mut tokio::net::TcpStream))
+    listener::serve(listener, app, limits, shutdown_signal()).await;
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -14,6 +14,7 @@
 //! It must not touch interfaces or tables that do not carry its prefix or
 //! table names, so several supervisors (tests) can share a host.
 
+pub mod admit;
 pub mod dns;
 pub mod links;
 pub mod nft;
@@ -114,6 +115,7 @@ struct Attached {
 /// The live network state of every networked sandbox.
 pub struct Network {
     cfg: NetConfig,
+    admitter: admit::Admitter,
     attached: Mutex<HashMap<String, Attached>>,
 }
 
@@ -139,6 +141,7 @@ impl Network {
             }
         }
         let net = Network {
+            admitter: admit::Admitter::spawn(cfg.table.clone()),
             cfg,
             attached: Mutex::new(HashMap::new()),
         };
@@ -154,7 +157,7 @@ impl Network {
 
     fn start_resolver(&self, id: &str, lease: Lease, egress: Egress) -> Result<()> {
         let policy = Arc::new(RwLock::new(egress));
-        let resolver = dns::spawn(&self.cfg, &lease, policy.clone())?;
+        let resolver = dns::spawn(&self.cfg, &lease, policy.clone(), self.admitter.clone())?;
         let old = self
             .attached
             .lock()

@@ -24,9 +24,9 @@
 //!   link.
 //!
 //! Owns this table only (and removes the `ip <table>_nat` of older layouts).
+//! The resolvers' admissions into `dns_<slot>` are batched by `admit`.
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
 use std::process::Stdio;
 
 use sandforge_api::{Cidr, Egress, EgressMode};
@@ -53,7 +53,7 @@ fn chain(lease: &Lease) -> String {
     format!("sb_{}", lease.slot)
 }
 
-fn dns_set(lease: &Lease) -> String {
+pub(crate) fn dns_set(lease: &Lease) -> String {
     format!("dns_{}", lease.slot)
 }
 
@@ -201,20 +201,6 @@ pub fn detach(cfg: &NetConfig, lease: &Lease) -> String {
     )
 }
 
-/// Admit resolved addresses for `ttl_secs` (allowed domains).
-pub fn admit(cfg: &NetConfig, lease: &Lease, ips: &[Ipv4Addr], ttl_secs: u32) -> String {
-    let items: Vec<String> = ips
-        .iter()
-        .map(|ip| format!("{ip} timeout {ttl_secs}s"))
-        .collect();
-    format!(
-        "add element inet {} {} {{ {} }}\n",
-        cfg.table,
-        dns_set(lease),
-        items.join(", ")
-    )
-}
-
 /// Run one script as one transaction.
 pub async fn apply(script: &str) -> Result<()> {
     let err = |m: String| RuntimeError::Command {
@@ -309,10 +295,5 @@ mod tests {
         assert!(full.contains("dispatch { \"sfsbabc\" : jump sb_1 }"));
         let d = detach(&c, &l);
         assert!(d.contains("delete chain inet sandforge sb_1"));
-        let a = admit(&c, &l, &["1.2.3.4".parse().unwrap()], 60);
-        assert_eq!(
-            a,
-            "add element inet sandforge dns_1 { 1.2.3.4 timeout 60s }\n"
-        );
     }
 }
