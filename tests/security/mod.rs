@@ -1,1 +1,2 @@
 //! One module per attacked boundary (issue 11's items).
+pub mod disk;
