@@ -115,7 +115,7 @@ async fn filling_the_disk_gives_enospc_inside_and_costs_the_host_at_most_disk_mb
     let (s, v) = d
         .execute(
             &id,
-            json!({"command": "dd if=/dev/zero of=/big bs=1M count=200 conv=fsync; sync", "timeout_seconds": 300}),
+            json!({"command": "dd if=/dev/zero of=/big bs=1M count=200 conv=fsync; r=$?; sync; exit $r", "timeout_seconds": 300}),
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
