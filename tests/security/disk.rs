@@ -143,6 +143,22 @@ async fn filling_the_disk_gives_enospc_inside_and_costs_the_host_at_most_disk_mb
         grown <= bound,
         format!("the host paid {} MB for a {disk_mb} MB disk", grown / MB),
     );
+    // An upload onto the full disk: a 4xx `limit`, not a 500.
+    let r = d
+        .req(
+            Method::PUT,
+            &format!("/v1/sandboxes/{id}/files?path=/root/up"),
+        )
+        .body(vec![7u8; 4 << 20])
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    a.record(
+        status.is_client_error() && body["error"]["code"] == "limit",
+        format!("an upload onto the full disk answered {status} {body}"),
+    );
     // The sandbox lives on: removing the file frees its space.
     d.sh_ok(&id, "rm /big && echo ok > /small").await;
     d.destroy(&id).await;
