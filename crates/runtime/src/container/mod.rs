@@ -195,10 +195,10 @@ impl ContainerBackend {
         {
             // runc is gone: its messages are in the FIFO, drained to the end.
             self.drains.settle(&spec.id, Duration::from_secs(2)).await;
-            return Err(RuntimeError::Command {
-                tool: "runc run".into(),
-                message: format!("{e}: {}", crate::console::tail(&spec.dir, 2048)),
-            });
+            return Err(RuntimeError::Setup(format!(
+                "{e}; console: {}",
+                crate::console::tail(&spec.dir, 2048)
+            )));
         }
         let pid: Option<u32> = std::fs::read_to_string(&p.pid)
             .ok()
