@@ -9,9 +9,10 @@
 //!
 //! Quotas: `max_snapshots_per_sandbox` and `max_snapshot_bytes_per_org`
 //! (all the org's snapshots, its destroyed sandboxes' included). A
-//! snapshot is measured once staged, and checked and recorded under one
-//! lock; one that would exceed a quota is deleted before it is published:
-//! 429 `limit`, nothing left behind.
+//! snapshot is estimated before anything is copied (so a large disk is
+//! never staged beyond the quota), then measured once staged, and checked
+//! and recorded under one lock; one that would exceed a quota is deleted
+//! before it is published: 429 `limit`, nothing left behind.
 
 use http::StatusCode;
 use sandforge_api::sandbox::validate_name;
@@ -84,8 +85,17 @@ impl Controller {
         }
         let row = self.get(org, id)?;
         Self::can_run(&row)?;
-        // Before anything is stopped or copied; measured again once staged.
-        self.within_quota(org, id, 0)?;
+        // Before anything is stopped or copied (an estimate: a sandbox
+        // whose disk alone is beyond the quota is never staged); measured
+        // again once staged.
+        let estimate = {
+            let backend = self.backend(row.spec.isolation)?;
+            let spec = self.spec_for(&row)?;
+            tokio::task::spawn_blocking(move || backend.snapshot_estimate(&spec))
+                .await
+                .unwrap_or(0)
+        };
+        self.within_quota(org, id, estimate)?;
         let vm = row.spec.isolation == Isolation::Microvm;
         let restart = vm && row.status != SandboxStatus::Stopped;
         if restart {

@@ -404,6 +404,22 @@ impl Backend for ContainerBackend {
         crate::backend::mark_stopped(&spec.dir)
     }
 
+    /// Its writable layer: what its disk holds (ext4 does not count its
+    /// own metadata as used), or the upper directory's size.
+    fn snapshot_estimate(&self, spec: &SandboxSpec) -> u64 {
+        let mnt = disk::mount_point(&spec.dir);
+        if spec.disk_mb.is_some() && rootfs::is_mount_point(&mnt) {
+            return rustix::fs::statvfs(&mnt)
+                .map(|s| s.f_blocks.saturating_sub(s.f_bfree) * s.f_frsize)
+                .unwrap_or(0);
+        }
+        if spec.disk_mb.is_some() {
+            // Not mounted (stopped): the image's allocated blocks.
+            return crate::snapshot::disk_usage(&disk::image(&spec.dir));
+        }
+        crate::snapshot::disk_usage(&Paths::of(spec).upper)
+    }
+
     async fn restart(&self, spec: &SandboxSpec) -> Result<AgentClient> {
         match self.setup(spec).await {
             Ok(c) => Ok(c),

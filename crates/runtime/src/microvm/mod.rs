@@ -478,6 +478,12 @@ impl Backend for MicrovmBackend {
         crate::backend::mark_stopped(&spec.dir)
     }
 
+    /// Its disk overlay and memory chain as they are now.
+    fn snapshot_estimate(&self, spec: &SandboxSpec) -> u64 {
+        crate::snapshot::disk_usage(&spec.dir.join("disk.qcow2"))
+            + crate::snapshot::disk_usage(&memsnap::dir(&spec.dir))
+    }
+
     async fn restart(&self, spec: &SandboxSpec) -> Result<AgentClient> {
         let m = memsnap::load(&spec.dir)
             .map_err(|e| RuntimeError::io("read", &spec.dir, e))?
