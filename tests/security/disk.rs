@@ -97,7 +97,7 @@ fn sandbox_dir(d: &Daemon, id: &str) -> PathBuf {
 #[tokio::test]
 async fn filling_the_disk_gives_enospc_inside_and_costs_the_host_at_most_disk_mb() {
     let d = Daemon::start().await;
-    let mut a = Attempts::new("disk: write 200 MB into a small disk");
+    let mut a = Attempts::new("disk: write past disk_mb");
     let disk_mb = if vm() { vm_disk_mb(&d, 64).await } else { 64 };
     let id = d
         .create_id(json!({"disk_mb": disk_mb, "network": "offline", "memory_mb": 256}))
@@ -428,4 +428,39 @@ async fn snapshots_beyond_the_quota_are_refused_with_limit() {
     a.record(staged_snapshots(&d).is_empty(), "staging left behind");
     d.destroy(&id).await;
     a.finish();
+}
+
+#[tokio::test]
+async fn containers_get_container_disk_mb_by_default_and_0_keeps_the_host_layer() {
+    if vm() {
+        return; // a VM's disk is vm_disk_mb, covered by the microvm suite
+    }
+    let d = Daemon::start_with_config(&[], "container_disk_mb: 128").await;
+    let sb = d.create(json!({"network": "offline"})).await;
+    let id = sb["id"].as_str().unwrap().to_string();
+    assert_eq!(sb["disk_mb"], 128, "{sb}");
+    let total: u64 = d
+        .sh_ok(&id, "df -B1M --output=size / | tail -1")
+        .await
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((64..=128).contains(&total), "/ is {total} MB");
+    assert!(sandbox_dir(&d, &id).join("layer.ext4").is_file());
+    d.destroy(&id).await;
+    assert_eq!(d.leftovers(&id), Vec::<String>::new());
+
+    let d = Daemon::start_with_config(&[], "container_disk_mb: 0").await;
+    let sb = d.create(json!({"network": "offline"})).await;
+    let id = sb["id"].as_str().unwrap().to_string();
+    assert!(sb["disk_mb"].is_null(), "{sb}");
+    d.sh_ok(&id, "echo x > /root/f").await;
+    let dir = sandbox_dir(&d, &id);
+    assert!(!dir.join("layer.ext4").exists());
+    assert!(
+        dir.join("upper/root/f").is_file(),
+        "the layer is on the host"
+    );
+    d.destroy(&id).await;
+    assert_eq!(d.leftovers(&id), Vec::<String>::new());
 }
