@@ -510,10 +510,14 @@ impl Drop for Daemon {
                 .arg(state.join("runc"))
                 .args(["delete", "--force", &id])
                 .output();
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(e.path().join("rootfs"))
-                .output();
+            // The overlay, then the container's disk image under it (its
+            // loop device goes with the last reference: autoclear).
+            for mnt in ["rootfs", "layer"] {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(e.path().join(mnt))
+                    .output();
+            }
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
