@@ -130,7 +130,7 @@ async fn create_rejects_bad_bodies() {
             "disk_mb",
         ),
         (
-            json!({"isolation": "container", "disk_mb": 4096}),
+            json!({"isolation": "container", "disk_mb": 300000}),
             StatusCode::BAD_REQUEST,
             "invalid_request",
             "disk_mb",

@@ -3,6 +3,9 @@
 //! row measured `BENCH_N` times (default 20) after one discarded warm-up:
 //!
 //! 1. create → first exec (offline, and with a NAT'd network): `POST /v1/sandboxes` then `POST .../execute true`
+//!    (with the default `container_disk_mb`: the writable layer on a fresh
+//!    loop-mounted ext4 image; a row without it, from a second daemon with
+//!    `container_disk_mb: 0`, shows what the image costs)
 //!    until it answers; baseline: a bare `runc run /bin/true` with the same
 //!    isolation (user namespace 0→100000/65536; pid, mount, ipc, uts, cgroup
 //!    and net namespaces; memory/cpu/pids limits; capabilities, masked paths
@@ -207,6 +210,20 @@ async fn main() {
     });
     runc_cleanup(runc_root.path(), &cgroup);
 
+    // 1b. the same without a disk image (the writable layer on the host's
+    // filesystem): a daemon with `container_disk_mb: 0`.
+    let plain = Daemon::start_with_config(&[], "container_disk_mb: 0").await;
+    let mut create_plain = vec![];
+    for i in 0..=n {
+        let t = Instant::now();
+        let id = create_and_first_exec(&plain, "offline").await;
+        if i > 0 {
+            create_plain.push(t.elapsed());
+        }
+        plain.destroy(&id).await;
+    }
+    drop(plain);
+
     // 2. exec round trip on a warm sandbox; baseline: host fork/exec.
     let id = create_and_first_exec(&d, "offline").await;
     let exec = sample!(n, exec_true(&d, &id).await);
@@ -237,20 +254,29 @@ async fn main() {
 
     // (label, samples, index of its baseline row)
     let rows = [
-        ("create → first exec `true`, offline", create, Some(1)),
+        (
+            "create → first exec `true`, offline (4 GiB disk image)",
+            create,
+            Some(1),
+        ),
         ("↳ baseline: bare `runc run /bin/true`", raw, None),
         ("destroy (DELETE, not in the row above)", destroy, None),
+        (
+            "create → first exec `true`, offline, no disk image",
+            create_plain,
+            Some(1),
+        ),
         (
             "create → first exec `true`, network nat",
             create_nat,
             Some(1),
         ),
         ("destroy, network nat", destroy_nat, None),
-        ("exec `true` round trip", exec, Some(6)),
+        ("exec `true` round trip", exec, Some(7)),
         ("↳ baseline: host fork/exec/wait `/bin/true`", fork, None),
-        ("file PUT + GET 1 MiB", files, Some(8)),
+        ("file PUT + GET 1 MiB", files, Some(9)),
         ("↳ baseline: host fsync'd write + read", host_files, None),
-        ("20 concurrent exec `true` (batch)", conc, Some(10)),
+        ("20 concurrent exec `true` (batch)", conc, Some(11)),
         ("↳ vs 20 sequential exec `true`", seq, None),
     ];
     print_table(&format!("N = {n} measured runs per row"), &rows);

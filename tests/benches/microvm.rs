@@ -108,19 +108,39 @@ fn raw_boot(d: &Daemon, run: usize, accel: accel::Accel) {
         mem_path: dir.path().join("mem"),
         incoming: false,
     });
-    let console = qemu::console_log(dir.path());
+    // The serial console is a socket (QEMU drops output while nobody is
+    // connected; the guest takes far longer than this to print anything).
+    let console = qemu::console_socket(dir.path());
     let t = Instant::now();
     let mut child = spawn_qemu(&args);
-    loop {
-        let log = std::fs::read_to_string(&console).unwrap_or_default();
-        if log.contains(MARKER) {
-            break;
+    let mut stream = loop {
+        if let Ok(s) = std::os::unix::net::UnixStream::connect(&console) {
+            break s;
         }
-        assert!(t.elapsed() < Duration::from_secs(60), "no marker: {log}");
+        assert!(t.elapsed() < Duration::from_secs(60), "no console socket");
         if let Ok(Some(st)) = child.try_wait() {
-            panic!("QEMU exited ({st}): {log}");
+            panic!("QEMU exited ({st})");
         }
         std::thread::sleep(Duration::from_millis(1));
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut log = Vec::new();
+    loop {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        if let Ok(n) = stream.read(&mut buf) {
+            log.extend_from_slice(&buf[..n]);
+        }
+        if String::from_utf8_lossy(&log).contains(MARKER) {
+            break;
+        }
+        let text = String::from_utf8_lossy(&log);
+        assert!(t.elapsed() < Duration::from_secs(60), "no marker: {text}");
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("QEMU exited ({st}): {text}");
+        }
     }
     let _ = child.kill();
     let _ = child.wait();

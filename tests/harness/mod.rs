@@ -452,6 +452,21 @@ impl Daemon {
         if dir.exists() {
             left.push(format!("dir {}", dir.display()));
         }
+        // A container's disk image is loop-mounted: its loop device must go
+        // with it (the backing file's path survives its deletion).
+        if let Ok(rd) = std::fs::read_dir("/sys/block") {
+            for e in rd.flatten() {
+                let backing =
+                    std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
+                if backing.contains(&format!("{}/", dir.display())) {
+                    left.push(format!(
+                        "loop device {} -> {}",
+                        e.file_name().to_string_lossy(),
+                        backing.trim()
+                    ));
+                }
+            }
+        }
         if self.state_dir().join("runc").join(id).exists() {
             left.push("runc state".into());
         }
@@ -543,10 +558,14 @@ impl Drop for Daemon {
                 .arg(state.join("runc"))
                 .args(["delete", "--force", &id])
                 .output();
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(e.path().join("rootfs"))
-                .output();
+            // The overlay, then the container's disk image under it (its
+            // loop device goes with the last reference: autoclear).
+            for mnt in ["rootfs", "layer"] {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(e.path().join(mnt))
+                    .output();
+            }
             let _ = std::fs::remove_dir_all(e.path());
         }
     }

@@ -13,6 +13,7 @@ pub fn with_iso(mut body: Value) -> Value {
 
 pub mod agent_socket;
 pub mod connections;
+pub mod disk;
 pub mod dns;
 pub mod memory;
 pub mod mounts;

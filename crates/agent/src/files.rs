@@ -61,6 +61,9 @@ pub fn errno_error(e: Errno, path: &str) -> ApiError {
         )),
         Errno::ISDIR => ApiError::is_directory(format!("{path} is a directory")),
         Errno::NAMETOOLONG => ApiError::invalid_path(format!("{path}: name too long")),
+        Errno::NOSPC | Errno::DQUOT => {
+            ApiError::no_space(format!("{path}: no space left on the sandbox's disk"))
+        }
         other => ApiError::io(format!("{path}: {}", io::Error::from(other))),
     }
 }

@@ -66,6 +66,10 @@ impl ApiError {
     pub fn method_not_allowed(message: impl Into<String>) -> Self {
         Self::new(StatusCode::METHOD_NOT_ALLOWED, "bad_request", message)
     }
+    /// The sandbox's disk is full (ENOSPC, EDQUOT): its `disk_mb`.
+    pub fn no_space(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "no_space", message)
+    }
     pub fn io(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "io", message)
     }

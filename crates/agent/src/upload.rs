@@ -94,7 +94,12 @@ pub async fn put(
     if let Some(err) = failure {
         return Err(err); // `temp` is removed by its guard
     }
-    written.map_err(|e| ApiError::io(format!("{}: writing: {e}", q.path)))?;
+    written.map_err(|e| match e.raw_os_error() {
+        Some(n) if n == libc::ENOSPC || n == libc::EDQUOT => {
+            errno_error(Errno::from_raw_os_error(n), &q.path)
+        }
+        _ => ApiError::io(format!("{}: writing: {e}", q.path)),
+    })?;
     let path = q.path.clone();
     blocking(move || {
         let temp = Arc::try_unwrap(temp).map_err(|_| ApiError::io("temp file still in use"))?;

@@ -43,7 +43,7 @@ pub mod limits {
     pub const MIN_MEMORY_MB: u64 = 64;
     pub const MAX_MEMORY_MB: u64 = 65_536;
     /// A microVM's root disk; also at least its template's image.
-    pub const MIN_DISK_MB: u64 = 256;
+    pub const MIN_DISK_MB: u64 = 32;
     pub const MAX_DISK_MB: u64 = 262_144;
     pub const MAX_ENV_VARS: usize = 256;
     pub const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;

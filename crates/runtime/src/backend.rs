@@ -150,4 +150,11 @@ pub trait Backend: Send + Sync {
     /// Replace the state of a stopped (or not yet created) sandbox with the
     /// one saved in `src`; [`Backend::restart`] then runs it from there.
     async fn load_from(&self, spec: &SandboxSpec, src: &Path) -> Result<()>;
+
+    /// About how many bytes [`Backend::save_to`] would write now (without
+    /// a running VM's memory, which its stop writes first), so that a
+    /// snapshot far beyond a quota is refused before it is copied.
+    fn snapshot_estimate(&self, _spec: &SandboxSpec) -> u64 {
+        0
+    }
 }

@@ -47,6 +47,15 @@ pub struct Config {
     pub vm_boot_timeout_secs: u64,
     /// Root disk of a microVM when the create does not set `disk_mb`.
     pub vm_disk_mb: u64,
+    /// Disk (writable layer) of a container when the create does not set
+    /// `disk_mb`; 0: none, the layer is on the host's filesystem unbounded.
+    pub container_disk_mb: u64,
+    /// Cap of each sandbox's console log in KiB (one rotated file more).
+    pub console_log_max_kb: u64,
+    /// Bytes all of one organization's named snapshots may hold.
+    pub max_snapshot_bytes_per_org: u64,
+    /// Named snapshots one sandbox may have.
+    pub max_snapshots_per_sandbox: u64,
     /// Each QEMU runs as its own uid from `vm_uid_base` up (no passwd entry
     /// needed); 0 runs QEMU as the daemon's user.
     pub vm_uid_base: u32,
@@ -106,6 +115,10 @@ impl Default for Config {
             guest_dir: PathBuf::from("/var/cache/sandforge/guest"),
             vm_boot_timeout_secs: 60,
             vm_disk_mb: 2048,
+            container_disk_mb: 4096,
+            console_log_max_kb: 1024,
+            max_snapshot_bytes_per_org: 20 << 30,
+            max_snapshots_per_sandbox: 32,
             vm_uid_base: 2_000_000,
             virtiofsd: PathBuf::from("/var/cache/sandforge/virtiofsd/bin/virtiofsd"),
             default_network: "nat".into(),
@@ -216,6 +229,19 @@ impl Config {
         if !(1..=3600).contains(&self.header_timeout_secs) {
             return Err(ServerError::Config(
                 "header_timeout_secs: must be 1-3600".into(),
+            ));
+        }
+        use sandforge_api::limits::{MAX_DISK_MB, MIN_DISK_MB};
+        if self.container_disk_mb != 0
+            && !(MIN_DISK_MB..=MAX_DISK_MB).contains(&self.container_disk_mb)
+        {
+            return Err(ServerError::Config(format!(
+                "container_disk_mb: must be 0 (unlimited) or between {MIN_DISK_MB} and {MAX_DISK_MB}"
+            )));
+        }
+        if !(1..=1 << 20).contains(&self.console_log_max_kb) {
+            return Err(ServerError::Config(
+                "console_log_max_kb: must be between 1 and 1048576".into(),
             ));
         }
         if self.pids_limit < 16 {

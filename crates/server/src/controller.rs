@@ -248,7 +248,8 @@ impl Controller {
 
     /// The root disk of a new sandbox: microVMs get `disk_mb` (default
     /// `vm_disk_mb`), never less than their template's image; containers
-    /// write to the host's filesystem and take no size.
+    /// get `disk_mb` (default `container_disk_mb`; 0: none) for their
+    /// writable layer, an ext4 image of that size.
     fn disk_size(
         &self,
         isolation: Isolation,
@@ -256,13 +257,9 @@ impl Controller {
         template: &sandforge_runtime::Template,
     ) -> Result<Option<u64>, ApiError> {
         if isolation == Isolation::Container {
-            return match v.disk_mb {
-                Some(_) => Err(ApiError::bad_request(
-                    "disk_mb",
-                    "applies to microvm sandboxes only (a container's writable layer is on the host's filesystem)",
-                )),
-                None => Ok(None),
-            };
+            return Ok(v
+                .disk_mb
+                .or(Some(self.cfg.container_disk_mb).filter(|&mb| mb > 0)));
         }
         let image = sandforge_runtime::microvm::base_image(template);
         let min = std::fs::metadata(&image)
@@ -507,10 +504,7 @@ impl Controller {
     /// stdio of a container's init), kept until the sandbox is destroyed.
     pub fn console(&self, org: &str, id: &str, max: u64) -> Result<String, ApiError> {
         self.get(org, id)?;
-        Ok(sandforge_runtime::container::runc::tail_of(
-            &self.sandbox_dir(id).join("console.log"),
-            max,
-        ))
+        Ok(sandforge_runtime::console::tail(&self.sandbox_dir(id), max))
     }
 
     /// The agent of a running sandbox, whoever owns it (the publish

@@ -101,6 +101,8 @@ impl From<RuntimeError> for ApiError {
                     "session_exists" => "session_exists",
                     "too_many_sessions" => "too_many_sessions",
                     "connection_refused" => "connection_refused",
+                    // The sandbox's disk is full (its `disk_mb`).
+                    "no_space" => "limit",
                     _ => "agent_refused",
                 },
                 message,

@@ -225,6 +225,7 @@ fn microvm_backend(cfg: &Config, state: &Path, agent: &Path) -> Result<MicrovmBa
         virtiofsd: cfg.virtiofsd.clone(),
         uid_base: cfg.vm_uid_base,
         mem_dir: mem_dir(state),
+        console_cap: cfg.console_log_max_kb * 1024,
     })
     .map_err(|e| e.to_string())
 }
@@ -330,6 +331,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServerError> {
         agent_binary: agent.clone(),
         cgroup_parent: "sandforge".into(),
         agent_timeout: Duration::from_secs(cfg.agent_timeout_secs),
+        console_cap: cfg.console_log_max_kb * 1024,
     })
     .map_err(|e| ServerError::Startup(e.to_string()))?;
     let mut backends: Vec<Arc<dyn Backend>> = vec![Arc::new(container)];

@@ -6,6 +6,13 @@
 //! and starts it. A fork is a new sandbox, with its own id, directory, uid
 //! and (for containers) network, loaded from the snapshot and started.
 //! Snapshots outlive their sandbox (forks need them) until deleted.
+//!
+//! Quotas: `max_snapshots_per_sandbox` and `max_snapshot_bytes_per_org`
+//! (all the org's snapshots, its destroyed sandboxes' included). A
+//! snapshot is estimated before anything is copied (so a large disk is
+//! never staged beyond the quota), then measured once staged, and checked
+//! and recorded under one lock; one that would exceed a quota is deleted
+//! before it is published: 429 `limit`, nothing left behind.
 
 use http::StatusCode;
 use sandforge_api::sandbox::validate_name;
@@ -24,6 +31,14 @@ fn snapshot_id() -> String {
     crate::controller::random_id("snap")
 }
 
+/// Held from checking a staged snapshot against the quotas until it is
+/// recorded, so that two snapshots cannot both fit in the last room.
+static QUOTA: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn limit(message: String) -> ApiError {
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "limit", message)
+}
+
 impl Controller {
     fn snapshot_dir(&self, sid: &str) -> std::path::PathBuf {
         self.cfg.state_dir.join("snapshots").join(sid)
@@ -35,6 +50,24 @@ impl Controller {
             .get_snapshot(sid)?
             .filter(|s| s.org == org && s.sandbox_id == id)
             .ok_or_else(|| ApiError::not_found("snapshot", sid))
+    }
+
+    /// Refuse a snapshot of `id` adding `bytes` beyond the quotas.
+    fn within_quota(&self, org: &str, id: &str, bytes: u64) -> Result<(), ApiError> {
+        let (used, count) = self.db.snapshot_usage(org, id)?;
+        if count >= self.cfg.max_snapshots_per_sandbox {
+            return Err(limit(format!(
+                "sandbox '{id}' has {count} snapshots; the limit is {} (max_snapshots_per_sandbox): delete one first",
+                self.cfg.max_snapshots_per_sandbox
+            )));
+        }
+        let max = self.cfg.max_snapshot_bytes_per_org;
+        if used.saturating_add(bytes) > max {
+            return Err(limit(format!(
+                "the organization's snapshots hold {used} bytes; this one ({bytes} bytes) would exceed the limit of {max} (max_snapshot_bytes_per_org)"
+            )));
+        }
+        Ok(())
     }
 
     fn can_run(row: &SandboxRow) -> Result<(), ApiError> {
@@ -56,6 +89,17 @@ impl Controller {
         }
         let row = self.get(org, id)?;
         Self::can_run(&row)?;
+        // Before anything is stopped or copied (an estimate: a sandbox
+        // whose disk alone is beyond the quota is never staged); measured
+        // again once staged.
+        let estimate = {
+            let backend = self.backend(row.spec.isolation)?;
+            let spec = self.spec_for(&row)?;
+            tokio::task::spawn_blocking(move || backend.snapshot_estimate(&spec))
+                .await
+                .unwrap_or(0)
+        };
+        self.within_quota(org, id, estimate)?;
         let vm = row.spec.isolation == Isolation::Microvm;
         let restart = vm && row.status != SandboxStatus::Stopped;
         let sid = snapshot_id();
@@ -85,18 +129,30 @@ impl Controller {
                 let _ = std::fs::remove_dir_all(&tmp);
                 return Err(ApiError::from(e));
             }
-            snapshot::publish(&tmp, &dest)?;
+            let size_bytes = snapshot::disk_usage(&tmp);
+            let _quota = QUOTA.lock().await;
+            if let Err(e) = self.within_quota(org, id, size_bytes) {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+            if let Err(e) = snapshot::publish(&tmp, &dest) {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e.into());
+            }
             let s = SnapshotRow {
                 id: sid.clone(),
                 sandbox_id: id.to_string(),
                 org: org.to_string(),
                 name: name.unwrap_or_else(|| sid.clone()),
-                size_bytes: snapshot::disk_usage(&dest),
+                size_bytes,
                 memory: vm,
                 spec: row.spec.clone(),
                 created_at: now(),
             };
-            self.db.insert_snapshot(&s)?;
+            if let Err(e) = self.db.insert_snapshot(&s) {
+                let _ = std::fs::remove_dir_all(&dest);
+                return Err(e.into());
+            }
             Ok(s)
         }
         .await;

@@ -6,13 +6,16 @@
 //!
 //! Owns, per sandbox, everything under `<state>/sandboxes/<id>/`:
 //! `bundle/config.json` (the OCI spec), `rootfs/` (overlay mount point),
-//! `upper/` + `work/` (the sandbox's writable layer), `agent.sock`,
-//! `mounts/<n>` (staged id-mapped host mounts), `container.pid`,
-//! `console.log`; plus runc's state under `<state>/runc`
-//! and the cgroups `sandforge/<id>`. It must not touch other sandboxes'
+//! `upper/` + `work/` (the sandbox's writable layer; under `layer/`, the
+//! loop-mounted `layer.ext4`, when it has a `disk_mb`: see [`disk`]),
+//! `agent.sock`, `mounts/<n>` (staged id-mapped host mounts),
+//! `container.pid`, `console.fifo` (the init's stdio, drained into the
+//! capped `console.log`: see [`crate::console`]); plus runc's state under
+//! `<state>/runc` and the cgroups `sandforge/<id>`. It must not touch other sandboxes'
 //! directories or the template.
 
 pub mod cgroup;
+pub mod disk;
 pub mod idmap;
 pub mod rootfs;
 pub mod runc;
@@ -43,6 +46,8 @@ pub struct ContainerConfig {
     pub cgroup_parent: String,
     /// How long the agent may take to answer after `runc run`.
     pub agent_timeout: Duration,
+    /// Cap of each sandbox's `console.log` (bytes; one rotated file more).
+    pub console_cap: u64,
 }
 
 pub struct ContainerBackend {
@@ -50,6 +55,8 @@ pub struct ContainerBackend {
     agent_binary: PathBuf,
     cgroup_parent: String,
     agent_timeout: Duration,
+    console_cap: u64,
+    drains: crate::console::Drains,
 }
 
 /// The files of one container sandbox.
@@ -59,21 +66,33 @@ struct Paths {
     work: PathBuf,
     bundle: PathBuf,
     pid: PathBuf,
-    log: PathBuf,
+    fifo: PathBuf,
     socket: PathBuf,
 }
 
 impl Paths {
-    fn of(dir: &Path) -> Self {
+    fn of(spec: &SandboxSpec) -> Self {
+        let dir = &spec.dir;
+        // With a disk, the writable layer lives on it.
+        let layer = match spec.disk_mb {
+            Some(_) => disk::mount_point(dir),
+            None => dir.clone(),
+        };
         Paths {
             rootfs: dir.join("rootfs"),
-            upper: dir.join("upper"),
-            work: dir.join("work"),
+            upper: layer.join("upper"),
+            work: layer.join("work"),
             bundle: dir.join("bundle"),
             pid: dir.join("container.pid"),
-            log: dir.join("console.log"),
+            fifo: dir.join("console.fifo"),
             socket: dir.join("agent.sock"),
         }
+    }
+
+    /// The directory holding the writable layer (`upper/`, `work/`): the
+    /// sandbox's disk when it has one, else its directory.
+    fn layer(&self) -> &Path {
+        self.upper.parent().unwrap_or(Path::new("/"))
     }
 }
 
@@ -102,6 +121,8 @@ impl ContainerBackend {
             agent_binary: cfg.agent_binary,
             cgroup_parent: cfg.cgroup_parent,
             agent_timeout: cfg.agent_timeout,
+            console_cap: cfg.console_cap,
+            drains: Default::default(),
         })
     }
 
@@ -115,10 +136,13 @@ impl ContainerBackend {
             .iter()
             .map(|p| p.display().to_string())
             .collect();
-        let p = Paths::of(&spec.dir);
-        if rootfs::is_mount_point(&p.rootfs) {
-            left.push(format!("mount {}", p.rootfs.display()));
+        let p = Paths::of(spec);
+        for m in [&p.rootfs, &disk::mount_point(&spec.dir)] {
+            if rootfs::is_mount_point(m) {
+                left.push(format!("mount {}", m.display()));
+            }
         }
+        left.extend(disk::loop_devices_of(&disk::image(&spec.dir)));
         if spec.dir.exists() {
             left.push(format!("dir {}", spec.dir.display()));
         }
@@ -126,11 +150,19 @@ impl ContainerBackend {
     }
 
     async fn setup(&self, spec: &SandboxSpec) -> Result<AgentClient> {
-        let p = Paths::of(&spec.dir);
+        let p = Paths::of(spec);
         let shift = spec.template.uid_shift;
-        // A rollback a crash interrupted: finished or discarded, never half.
-        crate::snapshot::finish_load(&spec.dir)?;
-        for d in [&spec.dir, &p.rootfs, &p.upper, &p.work, &p.bundle] {
+        std::fs::create_dir_all(&spec.dir).map_err(io("mkdir", &spec.dir))?;
+        if let Some(mb) = spec.disk_mb {
+            disk::ensure_mounted(&spec.dir, mb).await?;
+            let mnt = disk::mount_point(&spec.dir);
+            std::fs::set_permissions(&mnt, std::fs::Permissions::from_mode(0o711))
+                .map_err(io("chmod", &mnt))?;
+        }
+        // A rollback a crash interrupted: finished or discarded, never half
+        // (staged beside the writable layer, on its filesystem).
+        crate::snapshot::finish_load(p.layer())?;
+        for d in [&p.rootfs, &p.upper, &p.work, &p.bundle] {
             std::fs::create_dir_all(d).map_err(io("mkdir", d))?;
         }
         // The container's root (host uid `shift`) must traverse the sandbox
@@ -164,10 +196,20 @@ impl ContainerBackend {
         std::fs::write(&tmp, json).map_err(io("write", &tmp))?;
         std::fs::rename(&tmp, &cfg_path).map_err(io("rename", &cfg_path))?;
 
+        let console = self.open_console(spec, &p)?;
         let listener = bind_agent_socket(&p.socket)?;
-        self.runc
-            .run_detached(&spec.id, &p.bundle, &p.pid, &p.log, listener)
-            .await?;
+        if let Err(e) = self
+            .runc
+            .run_detached(&spec.id, &p.bundle, &p.pid, console, listener)
+            .await
+        {
+            // runc is gone: its messages are in the FIFO, drained to the end.
+            self.drains.settle(&spec.id, Duration::from_secs(2)).await;
+            return Err(RuntimeError::Setup(format!(
+                "{e}; console: {}",
+                crate::console::tail(&spec.dir, 2048)
+            )));
+        }
         // runc writes it with the tools' umask: the daemon's files are 0600.
         let _ = std::fs::set_permissions(&p.pid, std::fs::Permissions::from_mode(0o600));
         let pid: Option<u32> = std::fs::read_to_string(&p.pid)
@@ -188,9 +230,50 @@ impl ContainerBackend {
         }
         let client = AgentClient::new(&p.socket);
         client.wait_ready(self.agent_timeout).await.map_err(|e| {
-            RuntimeError::AgentUnavailable(format!("{e}; console: {}", runc::tail_of(&p.log, 1024)))
+            RuntimeError::AgentUnavailable(format!(
+                "{e}; console: {}",
+                crate::console::tail(&spec.dir, 1024)
+            ))
         })?;
         Ok(client)
+    }
+
+    /// The write end of the sandbox's console FIFO (made when missing), for
+    /// runc to hand the container as its stdio; the read end is drained
+    /// into `console.log` from now on. Opened read-write, so the container
+    /// never gets EPIPE while nobody reads (the supervisor is down): its
+    /// writes fill the pipe and then wait.
+    fn open_console(&self, spec: &SandboxSpec, p: &Paths) -> Result<std::fs::File> {
+        if !p.fifo.exists() {
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &p.fifo,
+                rustix::fs::FileType::Fifo,
+                rustix::fs::Mode::from_raw_mode(0o600),
+                0,
+            )
+            .map_err(|e| RuntimeError::io("mkfifo", &p.fifo, e.into()))?;
+        }
+        let w = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p.fifo)
+            .map_err(io("open", &p.fifo))?;
+        self.attach_console(spec)?;
+        Ok(w)
+    }
+
+    /// Drain the console FIFO (again: after a restart of the supervisor).
+    fn attach_console(&self, spec: &SandboxSpec) -> Result<()> {
+        let fifo = Paths::of(spec).fifo;
+        let r = tokio::net::unix::pipe::OpenOptions::new()
+            .open_receiver(&fifo)
+            .map_err(io("open", &fifo))?;
+        let (dir, cap) = (spec.dir.clone(), self.console_cap);
+        self.drains.attach(&spec.id, async move {
+            crate::console::drain(r, &dir, cap).await
+        });
+        Ok(())
     }
 }
 
@@ -282,12 +365,17 @@ impl Backend for ContainerBackend {
         }
     }
 
+    /// Also drains its console again (a re-attach after a restart).
     fn agent(&self, spec: &SandboxSpec) -> AgentClient {
-        AgentClient::new(Paths::of(&spec.dir).socket)
+        if let Err(e) = self.attach_console(spec) {
+            tracing::warn!(id = %spec.id, "console: {e}");
+        }
+        AgentClient::new(Paths::of(spec).socket)
     }
 
     async fn destroy(&self, spec: &SandboxSpec) -> Result<()> {
         self.halt(spec).await?;
+        self.drains.detach(&spec.id);
         rootfs::remove_sandbox_dir(&spec.dir)
     }
 
@@ -319,10 +407,15 @@ impl Backend for ContainerBackend {
 
     async fn save_to(&self, spec: &SandboxSpec, dest: &Path) -> Result<()> {
         std::fs::create_dir_all(dest).map_err(io("mkdir", dest))?;
+        // A stopped container's disk is not mounted: mount it for the copy.
+        let mounted_here = self.mount_disk_for_copy(spec).await?;
         let frozen = self.runc.freeze(&spec.id, true).await.is_ok();
-        let r = crate::snapshot::copy_tree(&Paths::of(&spec.dir).upper, &dest.join("upper")).await;
+        let r = crate::snapshot::copy_tree(&Paths::of(spec).upper, &dest.join("upper")).await;
         if frozen {
             self.runc.freeze(&spec.id, false).await?;
+        }
+        if mounted_here {
+            disk::unmount(&spec.dir).await?;
         }
         r
     }
@@ -332,14 +425,44 @@ impl Backend for ContainerBackend {
     /// ([`crate::snapshot::finish_load`]), so a crash leaves the old layer
     /// or the new one.
     async fn load_from(&self, spec: &SandboxSpec, src: &Path) -> Result<()> {
+        let p = Paths::of(spec);
         std::fs::create_dir_all(&spec.dir).map_err(io("mkdir", &spec.dir))?;
-        crate::snapshot::finish_load(&spec.dir)?;
-        let stage = crate::snapshot::load_staging(&spec.dir);
-        std::fs::create_dir_all(stage.join("work")).map_err(io("mkdir", &stage))?;
-        crate::snapshot::copy_tree(&src.join("upper"), &stage.join("upper")).await?;
-        crate::snapshot::commit_load(&spec.dir)?;
-        crate::snapshot::finish_load(&spec.dir)?;
+        let mounted_here = self.mount_disk_for_copy(spec).await?;
+        // Staged beside the writable layer (on the sandbox's disk when it
+        // has one, so the commit is a rename on one filesystem): a crash
+        // leaves the old layer or the new, never half of one.
+        let layer = p.layer();
+        let r = async {
+            crate::snapshot::finish_load(layer)?;
+            let stage = crate::snapshot::load_staging(layer);
+            std::fs::create_dir_all(stage.join("work")).map_err(io("mkdir", &stage))?;
+            crate::snapshot::copy_tree(&src.join("upper"), &stage.join("upper")).await?;
+            crate::snapshot::commit_load(layer)?;
+            crate::snapshot::finish_load(layer)?;
+            Ok::<(), RuntimeError>(())
+        }
+        .await;
+        if mounted_here {
+            disk::unmount(&spec.dir).await?;
+        }
+        r?;
         crate::backend::mark_stopped(&spec.dir)
+    }
+
+    /// Its writable layer: what its disk holds (ext4 does not count its
+    /// own metadata as used), or the upper directory's size.
+    fn snapshot_estimate(&self, spec: &SandboxSpec) -> u64 {
+        let mnt = disk::mount_point(&spec.dir);
+        if spec.disk_mb.is_some() && rootfs::is_mount_point(&mnt) {
+            return rustix::fs::statvfs(&mnt)
+                .map(|s| s.f_blocks.saturating_sub(s.f_bfree) * s.f_frsize)
+                .unwrap_or(0);
+        }
+        if spec.disk_mb.is_some() {
+            // Not mounted (stopped): the image's allocated blocks.
+            return crate::snapshot::disk_usage(&disk::image(&spec.dir));
+        }
+        crate::snapshot::disk_usage(&Paths::of(spec).upper)
     }
 
     async fn restart(&self, spec: &SandboxSpec) -> Result<AgentClient> {
@@ -354,10 +477,22 @@ impl Backend for ContainerBackend {
 }
 
 impl ContainerBackend {
+    /// Mount the sandbox's disk if it has one and it is not mounted;
+    /// whether this call mounted it (and so must unmount it).
+    async fn mount_disk_for_copy(&self, spec: &SandboxSpec) -> Result<bool> {
+        match spec.disk_mb {
+            Some(mb) if !rootfs::is_mount_point(&disk::mount_point(&spec.dir)) => {
+                disk::ensure_mounted(&spec.dir, mb).await?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// End every process and release every host resource of the sandbox
     /// but its directory (so its writable layer survives).
     async fn halt(&self, spec: &SandboxSpec) -> Result<()> {
-        let p = Paths::of(&spec.dir);
+        let p = Paths::of(spec);
         let init_pid = std::fs::read_to_string(&p.pid)
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok());
@@ -401,7 +536,11 @@ impl ContainerBackend {
         if let Some(lease) = &spec.net {
             crate::network::links::delete(&lease.iface).await;
         }
+        // Its last console output: the FIFO ends with the container.
+        self.drains.settle(&spec.id, Duration::from_secs(1)).await;
         rootfs::unmount_all(&p.rootfs)?;
+        // The disk whatever the spec says (a bare spec of an orphan has none).
+        disk::unmount(&spec.dir).await?;
         idmap::unstage(&spec.dir)
     }
 }

@@ -44,24 +44,21 @@ impl Runc {
     }
 
     /// `runc run -d`: create and start detached. The container's stdio (and
-    /// runc's own messages) go to `log`, a file, so the container never holds
-    /// a pipe to the supervisor and survives the supervisor's death.
+    /// runc's own messages) go to `out` (the write end of the console FIFO
+    /// the supervisor drains), so the container never holds a pipe only the
+    /// supervisor's process keeps open, and survives the supervisor's death.
     pub async fn run_detached(
         &self,
         id: &str,
         bundle: &Path,
         pid_file: &Path,
-        log: &Path,
+        out: std::fs::File,
         agent_listener: std::os::fd::OwnedFd,
     ) -> Result<()> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(|e| RuntimeError::io("open", log, e))?;
-        let file2 = file
-            .try_clone()
-            .map_err(|e| RuntimeError::io("dup", log, e))?;
+        let out2 = out.try_clone().map_err(|e| RuntimeError::Command {
+            tool: "runc run".into(),
+            message: format!("dup of the console: {e}"),
+        })?;
         let mut c = self.cmd();
         // The agent's listening socket becomes the container's fd 3.
         use command_fds::{CommandFdExt, FdMapping};
@@ -75,7 +72,7 @@ impl Runc {
             .arg("--pid-file")
             .arg(pid_file)
             .arg(id);
-        c.stdout(Stdio::from(file)).stderr(Stdio::from(file2));
+        c.stdout(Stdio::from(out)).stderr(Stdio::from(out2));
         let status = tokio::time::timeout(RUNC_TIMEOUT, c.status())
             .await
             .map_err(|_| RuntimeError::Command {
@@ -89,10 +86,9 @@ impl Runc {
         if status.success() {
             Ok(())
         } else {
-            let tail = tail_of(log, 2048);
             Err(RuntimeError::Command {
                 tool: "runc run".into(),
-                message: format!("{status}: {tail}"),
+                message: format!("{status}"),
             })
         }
     }
@@ -184,15 +180,22 @@ impl Runc {
 
 /// The last `max` bytes of a file, lossily decoded (for error messages).
 pub fn tail_of(path: &Path, max: u64) -> String {
+    String::from_utf8_lossy(&tail_bytes(path, max))
+        .trim()
+        .to_string()
+}
+
+/// The last `max` bytes of a file (none when it cannot be read).
+pub fn tail_bytes(path: &Path, max: u64) -> Vec<u8> {
     use std::io::{Read, Seek, SeekFrom};
     let Some(mut f) = open_plain_file(path) else {
-        return String::new();
+        return vec![];
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
     let mut buf = Vec::new();
-    let _ = f.read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).trim().to_string()
+    let _ = f.take(max).read_to_end(&mut buf);
+    buf
 }
 
 /// Open a regular file for reading without following a symlink at its last

@@ -4,7 +4,8 @@
 //!
 //! Owns, per sandbox, everything under `<state>/sandboxes/<id>/`:
 //! `disk.qcow2` (copy-on-write overlay of the template's read-only
-//! `rootfs.ext4`), `agent.sock`, `qmp.sock`, `console.log` (serial console),
+//! `rootfs.ext4`), `agent.sock`, `qmp.sock`, `console.sock` (serial
+//! console, drained into the capped `console.log` and `console.log.1`),
 //! `qemu.log`, `qemu.pid`; and the QEMU process, started in its own process
 //! group so that it outlives a restart of the daemon. It must not touch the
 //! base image or other sandboxes' directories.
@@ -50,12 +51,15 @@ pub struct MicrovmConfig {
     pub uid_base: u32,
     /// Where running VMs' RAM files live (a tmpfs, e.g. /dev/shm/sandforge).
     pub mem_dir: PathBuf,
+    /// Cap of each sandbox's `console.log` (bytes; one rotated file more).
+    pub console_cap: u64,
 }
 
 pub struct MicrovmBackend {
     cfg: MicrovmConfig,
     tsc_khz: Option<u64>,
     ids: identity::Identities,
+    drains: crate::console::Drains,
 }
 
 /// The read-only ext4 image of a template (built by scripts/build-guest.sh).
@@ -70,7 +74,7 @@ fn live_qemu(dir: &Path) -> Option<u32> {
 }
 
 fn console_tail(dir: &Path) -> String {
-    let t = tail_of(&qemu::console_log(dir), 600);
+    let t = crate::console::tail(dir, 600);
     let q = tail_of(&dir.join("qemu.log"), 300);
     match (t.is_empty(), q.is_empty()) {
         (_, false) => format!("{q} | console: {t}"),
@@ -102,11 +106,27 @@ impl MicrovmBackend {
         )
         .map_err(|e| RuntimeError::io("chmod", &cfg.mem_dir, e))?;
         let ids = identity::Identities::new(cfg.uid_base);
-        Ok(Self { cfg, tsc_khz, ids })
+        Ok(Self {
+            cfg,
+            tsc_khz,
+            ids,
+            drains: Default::default(),
+        })
     }
 
     pub fn accel(&self) -> Accel {
         self.cfg.accel
+    }
+
+    /// Read the VM's serial console into its capped log (from QEMU's
+    /// start, or again after a restart of the supervisor).
+    fn attach_console(&self, spec: &SandboxSpec) {
+        let (sock, dir) = (qemu::console_socket(&spec.dir), spec.dir.clone());
+        let (cap, patience) = (self.cfg.console_cap, self.cfg.boot_timeout);
+        self.drains.attach(
+            &spec.id,
+            crate::console::drain_socket(sock, dir, cap, patience),
+        );
     }
 
     /// The guest RAM file of a VM (on tmpfs while it runs).
@@ -235,6 +255,7 @@ impl MicrovmBackend {
         }
         self.fresh_mem_file(spec, owner)?;
         let child = self.spawn_qemu(spec, &disk, shares, owner, false)?;
+        self.attach_console(spec);
         self.wait_agent(spec, child, self.cfg.boot_timeout).await
     }
 
@@ -312,7 +333,9 @@ impl Backend for MicrovmBackend {
         }
     }
 
+    /// Also reads its console again (a re-attach after a restart).
     fn agent(&self, spec: &SandboxSpec) -> AgentClient {
+        self.attach_console(spec);
         AgentClient::serial(qemu::agent_socket(&spec.dir))
     }
 
@@ -331,6 +354,7 @@ impl Backend for MicrovmBackend {
         let _ = std::fs::remove_file(self.mem_file(spec));
         crate::container::idmap::unstage_plain(&crate::backend::host_mount_staging(spec))?;
         self.ids.release(&spec.dir);
+        self.drains.detach(&spec.id);
         remove_sandbox_dir(&spec.dir)
     }
 
@@ -486,6 +510,12 @@ impl Backend for MicrovmBackend {
         crate::backend::mark_stopped(&spec.dir)
     }
 
+    /// Its disk overlay and memory chain as they are now.
+    fn snapshot_estimate(&self, spec: &SandboxSpec) -> u64 {
+        crate::snapshot::disk_usage(&spec.dir.join("disk.qcow2"))
+            + crate::snapshot::disk_usage(&memsnap::dir(&spec.dir))
+    }
+
     async fn restart(&self, spec: &SandboxSpec) -> Result<AgentClient> {
         // A rollback a crash interrupted: finished or discarded, never half.
         crate::snapshot::finish_load(&spec.dir)?;
@@ -500,6 +530,7 @@ impl Backend for MicrovmBackend {
         }
         let disk = spec.dir.join("disk.qcow2");
         let child = self.spawn_qemu(spec, &disk, vec![], owner, true)?;
+        self.attach_console(spec);
         if let Err(e) =
             persist::load_device_state(&spec.dir, &qemu::qmp_socket(&spec.dir), &m).await
         {

@@ -55,8 +55,12 @@ pub fn qmp_socket(dir: &Path) -> PathBuf {
     super::identity::qemu_dir(dir).join("qmp.sock")
 }
 
-pub fn console_log(dir: &Path) -> PathBuf {
-    super::identity::qemu_dir(dir).join("console.log")
+/// QEMU's serial console: a socket the supervisor reads into the capped
+/// `console.log` (see [`crate::console`]). With nobody connected (the
+/// supervisor is down) QEMU drops the output, so a guest can neither fill
+/// the host's disk through it nor stall on it.
+pub fn console_socket(dir: &Path) -> PathBuf {
+    super::identity::qemu_dir(dir).join("console.sock")
 }
 
 pub fn pid_file(dir: &Path) -> PathBuf {
@@ -127,8 +131,13 @@ pub fn args(a: &VmArgs) -> Vec<String> {
         d(a.initramfs.clone()),
         "-append".into(),
         kernel_cmdline(a),
+        "-chardev".into(),
+        format!(
+            "socket,id=console,path={},server=on,wait=off",
+            d(console_socket(&a.dir))
+        ),
         "-serial".into(),
-        format!("file:{}", d(console_log(&a.dir))),
+        "chardev:console".into(),
         "-drive".into(),
         format!(
             "id=root,file={},format=qcow2,if=none,discard=unmap",
@@ -224,6 +233,9 @@ mod tests {
         assert!(!joined.contains("-incoming"));
         assert!(joined.contains("socket,id=agent,path=/s/sb/agent.sock,server=on,wait=off"));
         assert!(joined.contains("-qmp unix:/s/sb/qmp.sock"));
+        assert!(joined.contains(
+            "-chardev socket,id=console,path=/s/sb/console.sock,server=on,wait=off -serial chardev:console"
+        ));
         assert!(joined.contains("-sandbox on,"));
         assert!(!joined.contains("virtio-net"), "offline VMs have no NIC");
         let cmdline = &v[v.iter().position(|x| x == "-append").unwrap() + 1];

@@ -64,6 +64,18 @@ impl Db {
         })
     }
 
+    /// Bytes held by all of `org`'s snapshots, and how many of them are of
+    /// `sandbox_id` (the snapshot quotas).
+    pub fn snapshot_usage(&self, org: &str, sandbox_id: &str) -> Result<(u64, u64), ServerError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT COALESCE(SUM(bytes), 0), COALESCE(SUM(sandbox_id = ?2), 0) FROM snapshots WHERE org = ?1",
+                params![org, sandbox_id],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            )
+        })
+    }
+
     pub fn get_snapshot(&self, id: &str) -> Result<Option<SnapshotRow>, ServerError> {
         self.with(|c| {
             c.query_row(

@@ -97,6 +97,8 @@ async fn agent_error(resp: http::Response<hyper::body::Incoming>) -> ApiError {
         "too_large" => "too_large",
         "permission_denied" => "permission_denied",
         "bad_request" => "invalid_request",
+        // The sandbox's disk is full (its `disk_mb`).
+        "no_space" => "limit",
         _ => "agent_io",
     };
     let status = if status.is_server_error() {
