@@ -195,6 +195,15 @@ impl Daemon {
         self.dir.path().join("state")
     }
 
+    /// Where this daemon keeps its VMs' RAM files (as the daemon derives it).
+    pub fn mem_dir(&self) -> PathBuf {
+        use sha2::Digest;
+        let state = self.state_dir();
+        let real = std::fs::canonicalize(&state).unwrap_or(state);
+        let hash = sha2::Sha256::digest(real.as_os_str().as_encoded_bytes());
+        PathBuf::from(format!("/dev/shm/sandforge-{}", &hex::encode(hash)[..12]))
+    }
+
     async fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -493,27 +502,16 @@ impl Daemon {
                 }
             }
         }
-        // VM memory files of this daemon's sandboxes (in its own
-        // /dev/shm/sandforge-<hash> directory), and that directory.
-        let shm: Vec<PathBuf> = std::fs::read_dir("/dev/shm")
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.path())
-                    .filter(|p| p.to_string_lossy().starts_with("/dev/shm/sandforge-"))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if let Ok(rd) = std::fs::read_dir(self.state_dir().join("sandboxes")) {
+        // VM memory files of this daemon's sandboxes, in its own
+        // /dev/shm/sandforge-<hash of the state directory>, and that
+        // directory (the daemon's `mem_dir`).
+        let shm = self.mem_dir();
+        if let Ok(rd) = std::fs::read_dir(&shm) {
             for e in rd.flatten() {
-                let id = e.file_name().to_string_lossy().to_string();
-                for d in &shm {
-                    let _ = std::fs::remove_file(d.join(format!("{id}.mem")));
-                }
+                let _ = std::fs::remove_file(e.path());
             }
         }
-        for d in &shm {
-            let _ = std::fs::remove_dir(d); // only when empty
-        }
+        let _ = std::fs::remove_dir(&shm);
     }
 }
 

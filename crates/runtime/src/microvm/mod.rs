@@ -141,6 +141,16 @@ impl MicrovmBackend {
         owner: Option<identity::VmIdentity>,
     ) -> Result<PathBuf> {
         let p = self.mem_file(spec);
+        // The directory may have been cleaned away under a running daemon.
+        if !self.cfg.mem_dir.is_dir() {
+            std::fs::create_dir_all(&self.cfg.mem_dir)
+                .map_err(|e| RuntimeError::io("mkdir", &self.cfg.mem_dir, e))?;
+            std::fs::set_permissions(
+                &self.cfg.mem_dir,
+                std::os::unix::fs::PermissionsExt::from_mode(0o711),
+            )
+            .map_err(|e| RuntimeError::io("chmod", &self.cfg.mem_dir, e))?;
+        }
         let f = std::fs::File::create(&p).map_err(|e| RuntimeError::io("create", &p, e))?;
         f.set_len(spec.memory_mb << 20)
             .map_err(|e| RuntimeError::io("truncate", &p, e))?;

@@ -231,10 +231,10 @@ mod tests {
         assert!(joined.contains("-smp 2 -m 512M"));
         assert!(joined.contains("size=512M,mem-path=/dev/shm/sf/sb.mem,share=on"));
         assert!(!joined.contains("-incoming"));
-        assert!(joined.contains("socket,id=agent,path=/s/sb/agent.sock,server=on,wait=off"));
-        assert!(joined.contains("-qmp unix:/s/sb/qmp.sock"));
+        assert!(joined.contains("socket,id=agent,path=/s/sb/qemu/agent.sock,server=on,wait=off"));
+        assert!(joined.contains("-qmp unix:/s/sb/qemu/qmp.sock"));
         assert!(joined.contains(
-            "-chardev socket,id=console,path=/s/sb/console.sock,server=on,wait=off -serial chardev:console"
+            "-chardev socket,id=console,path=/s/sb/qemu/console.sock,server=on,wait=off -serial chardev:console"
         ));
         assert!(joined.contains("-sandbox on,"));
         assert!(!joined.contains("virtio-net"), "offline VMs have no NIC");
