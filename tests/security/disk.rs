@@ -464,3 +464,65 @@ async fn containers_get_container_disk_mb_by_default_and_0_keeps_the_host_layer(
     d.destroy(&id).await;
     assert_eq!(d.leftovers(&id), Vec::<String>::new());
 }
+
+/// A host process that makes its own mount namespace while a container's
+/// disk is mounted holds a copy of that mount (`ip netns exec` makes it a
+/// slave; `unshare -m` a private copy that pins the loop device). Neither
+/// may wedge stop or destroy, and a start meanwhile must not put a second
+/// filesystem on the same image.
+#[tokio::test]
+async fn a_mount_namespace_copied_by_a_host_process_does_not_wedge_the_disk() {
+    if vm() {
+        return; // a VM's disk is a file QEMU opens, not a host mount
+    }
+    let d = Daemon::start().await;
+    let mut a = Attempts::new("disk: a host mount namespace pins the image");
+    let id = d
+        .create_id(json!({"disk_mb": 64, "network": "offline"}))
+        .await;
+    d.sh_ok(&id, "echo one > /root/f && sync").await;
+    let holders: Vec<std::process::Child> = ["slave", "private"]
+        .iter()
+        .map(|p| {
+            std::process::Command::new("unshare")
+                .args(["-m", "--propagation", p, "sleep", "600"])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for round in 0..2 {
+        let (s, v) = d
+            .call(Method::POST, &format!("/v1/sandboxes/{id}/stop"), None)
+            .await;
+        a.record(s == StatusCode::OK, format!("stop {round}: {s} {v}"));
+        let (s, v) = d
+            .call(Method::POST, &format!("/v1/sandboxes/{id}/start"), None)
+            .await;
+        a.record(s == StatusCode::OK, format!("start {round}: {s} {v}"));
+        let loops = loops_under(&sandbox_dir(&d, &id));
+        a.record(
+            loops.len() == 1,
+            format!("one image, one loop device: {loops:?}"),
+        );
+        d.sh_ok(&id, &format!("echo {round} >> /root/f && sync"))
+            .await;
+    }
+    assert_eq!(d.sh_ok(&id, "cat /root/f").await, "one\n0\n1\n");
+    let (s, v) = d
+        .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
+        .await;
+    a.record(s == StatusCode::OK, format!("destroy: {s} {v}"));
+    for mut h in holders {
+        let _ = h.kill();
+        let _ = h.wait();
+    }
+    // The pinned device autoclears once its last namespace is gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !loops_under(&d.state_dir()).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let loops = loops_under(&d.state_dir());
+    a.record(loops.is_empty(), format!("loop devices left: {loops:?}"));
+    a.finish();
+}
