@@ -33,8 +33,6 @@ pub struct Controller {
     pub(crate) templates: TemplateStore,
     /// Sandbox networking, when the host supports it.
     pub(crate) network: Option<Arc<sandforge_runtime::network::Network>>,
-    /// Held from choosing a network slot until the row holding it is stored.
-    pub(crate) net_alloc: tokio::sync::Mutex<()>,
     pub(crate) backends: HashMap<&'static str, Arc<dyn Backend>>,
     /// Agent clients of running sandboxes.
     pub(crate) live: Mutex<HashMap<String, AgentClient>>,
@@ -89,7 +87,6 @@ impl Controller {
             templates,
             backends,
             network,
-            net_alloc: tokio::sync::Mutex::new(()),
             activity: Default::default(),
             live: Mutex::new(HashMap::new()),
             ops: Mutex::new(HashMap::new()),
@@ -289,36 +286,8 @@ impl Controller {
         let disk_mb = self.disk_size(isolation, &v, &template)?;
         let resolved = self.resolve_mounts(&v)?;
         let (network, egress) = self.net_choice(&v)?;
-        let live = self
-            .db
-            .list_sandboxes(Some(org))?
-            .iter()
-            .filter(|r| r.status != SandboxStatus::Destroyed)
-            .count();
-        if live as u64 >= self.cfg.max_sandboxes_per_org {
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "quota_exceeded",
-                format!(
-                    "organization has {live} sandboxes; the limit is {}",
-                    self.cfg.max_sandboxes_per_org
-                ),
-            ));
-        }
         let id = new_id();
-        let name = match v.name.clone() {
-            Some(n) => {
-                if self.db.name_in_use(org, &n)? {
-                    return Err(ApiError::conflict(
-                        "name_in_use",
-                        format!("name: '{n}' is already used"),
-                    )
-                    .field("name"));
-                }
-                n
-            }
-            None => id.replace('_', "-"),
-        };
+        let name = v.name.clone().unwrap_or_else(|| id.replace('_', "-"));
         let ts = now();
         let row = SandboxRow {
             id: id.clone(),
@@ -356,13 +325,7 @@ impl Controller {
         let lock = self.op_lock(&id);
         let _guard = lock.lock().await;
         let mut row = row;
-        {
-            let _slot = self.net_alloc.lock().await;
-            if network == sandforge_api::Network::Nat {
-                row.spec.net_slot = Some(self.free_slot()?);
-            }
-            self.db.insert_sandbox(&row)?;
-        }
+        self.admit(&mut row)?;
         let spec = self.spec_for(&row)?;
         let t0 = Instant::now();
         let started = match self.net_attach(&row).await {

@@ -1,7 +1,13 @@
 //! The state database: one SQLite file (`<state>/sandforge.db`, WAL mode)
 //! holding tokens, sandboxes and their status history, and publish rules
-//! (`publish`). Owns the schema and every SQL statement; must not call
-//! into runtimes.
+//! (`publish`). Owns the schema, its migrations (`PRAGMA user_version`,
+//! applied in order at open) and every SQL statement; must not call into
+//! runtimes.
+//!
+//! Admission of a new sandbox (the org's quota, its name, its network
+//! slot) is one `BEGIN IMMEDIATE` transaction: concurrent creates are
+//! serialized by SQLite itself, and UNIQUE indexes on the live (org, name)
+//! and the live network slot hold even against a bug elsewhere.
 
 mod publish;
 mod snapshots;
@@ -17,6 +23,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::ServerError;
 
+/// Migration 1: the schema before migrations existed (`IF NOT EXISTS`, so
+/// a database made by an older daemon passes through it unchanged).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS tokens (
     hash TEXT PRIMARY KEY,
@@ -60,6 +68,55 @@ CREATE TABLE IF NOT EXISTS sandbox_events (
     at TEXT NOT NULL
 );
 ";
+
+/// Migration 2: the network slot as a column (mirroring `spec.net_slot`)
+/// and UNIQUE indexes over live sandboxes for (org, name) and the slot.
+/// Duplicates that an older daemon's race let in are renamed (`-<id>`) or
+/// lose the slot column (their spec keeps it) so the indexes can be built.
+const LIVE_UNIQUE: &str = "
+ALTER TABLE sandboxes ADD COLUMN net_slot INTEGER;
+UPDATE sandboxes SET net_slot = json_extract(spec, '$.net_slot')
+ WHERE status != 'destroyed';
+UPDATE sandboxes SET name = name || '-' || id
+ WHERE status != 'destroyed' AND rowid NOT IN (
+   SELECT MIN(rowid) FROM sandboxes WHERE status != 'destroyed' GROUP BY org, name);
+UPDATE sandboxes SET net_slot = NULL
+ WHERE net_slot IS NOT NULL AND status != 'destroyed' AND rowid NOT IN (
+   SELECT MIN(rowid) FROM sandboxes
+    WHERE status != 'destroyed' AND net_slot IS NOT NULL GROUP BY net_slot);
+UPDATE sandboxes SET net_slot = NULL WHERE status = 'destroyed';
+CREATE UNIQUE INDEX sandboxes_live_name ON sandboxes(org, name)
+ WHERE status != 'destroyed';
+CREATE UNIQUE INDEX sandboxes_live_slot ON sandboxes(net_slot)
+ WHERE status != 'destroyed' AND net_slot IS NOT NULL;
+";
+
+fn migrations() -> rusqlite_migration::Migrations<'static> {
+    use rusqlite_migration::M;
+    rusqlite_migration::Migrations::new(vec![M::up(SCHEMA), M::up(LIVE_UNIQUE)])
+}
+
+/// What a new sandbox must satisfy to be inserted.
+#[derive(Debug, Clone, Copy)]
+pub struct Admission {
+    /// Most live (not destroyed) sandboxes the org may hold.
+    pub max_live: u64,
+    /// Give the row the lowest free network slot below this many.
+    pub slots: Option<u32>,
+}
+
+/// Why a sandbox was not admitted.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error("organization has {live} sandboxes; the limit is {limit}")]
+    Quota { live: u64, limit: u64 },
+    #[error("name '{0}' is already used")]
+    NameInUse(String),
+    #[error("every address of the sandbox subnet is in use")]
+    NetworkFull,
+    #[error(transparent)]
+    Db(#[from] ServerError),
+}
 
 /// What a sandbox was created with (stored as JSON in `sandboxes.spec`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -128,7 +185,10 @@ impl Db {
             .map_err(db_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(db_err)?;
-        conn.execute_batch(SCHEMA).map_err(db_err)?;
+        let mut conn = conn;
+        migrations()
+            .to_latest(&mut conn)
+            .map_err(|e| ServerError::Db(format!("migrating {}: {e}", path.display())))?;
         Ok(Db {
             conn: Mutex::new(conn),
         })
@@ -167,21 +227,78 @@ impl Db {
         self.with(|c| c.query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get(0)))
     }
 
+    /// Insert a row as it is (no admission checks: tests and restores).
+    #[cfg(test)]
     pub fn insert_sandbox(&self, row: &SandboxRow) -> Result<(), ServerError> {
-        let spec = serde_json::to_string(&row.spec).map_err(|e| ServerError::Db(e.to_string()))?;
         self.with(|c| {
             let tx = c.unchecked_transaction()?;
-            tx.execute(
-                "INSERT INTO sandboxes(id, org, name, status, status_reason, spec, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![row.id, row.org, row.name, row.status.as_str(), row.status_reason, spec, row.created_at, row.updated_at],
-            )?;
-            tx.execute(
-                "INSERT INTO sandbox_events(sandbox_id, status, reason, at) VALUES (?1, ?2, NULL, ?3)",
-                params![row.id, row.status.as_str(), row.created_at],
-            )?;
+            insert_row(&tx, row)?;
             tx.commit()
         })
+    }
+
+    /// Insert a new sandbox (status `creating`) if its org is under
+    /// `adm.max_live` and its name is free, giving it a network slot when
+    /// asked (written into `row.spec.net_slot`): check and insert in one
+    /// immediate transaction, so no concurrent create sees a stale count.
+    pub fn admit(&self, row: &mut SandboxRow, adm: Admission) -> Result<(), Refused> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(db_err)?;
+        let live: u64 = tx
+            .query_row(
+                "SELECT COUNT(*) FROM sandboxes WHERE org = ?1 AND status != 'destroyed'",
+                params![row.org],
+                |r| r.get(0),
+            )
+            .map_err(db_err)?;
+        if live >= adm.max_live {
+            return Err(Refused::Quota {
+                live,
+                limit: adm.max_live,
+            });
+        }
+        let taken: bool = tx
+            .query_row(
+                "SELECT EXISTS(SELECT 1 FROM sandboxes WHERE org = ?1 AND name = ?2 AND status != 'destroyed')",
+                params![row.org, row.name],
+                |r| r.get(0),
+            )
+            .map_err(db_err)?;
+        if taken {
+            return Err(Refused::NameInUse(row.name.clone()));
+        }
+        row.spec.net_slot = match adm.slots {
+            None => None,
+            Some(n) => {
+                let mut stmt = tx
+                    .prepare(
+                        "SELECT net_slot FROM sandboxes WHERE status != 'destroyed' AND net_slot IS NOT NULL ORDER BY net_slot",
+                    )
+                    .map_err(db_err)?;
+                let used: Vec<u32> = stmt
+                    .query_map([], |r| r.get(0))
+                    .and_then(|rows| rows.collect())
+                    .map_err(db_err)?;
+                drop(stmt);
+                Some(
+                    (0..n)
+                        .find(|s| used.binary_search(s).is_err())
+                        .ok_or(Refused::NetworkFull)?,
+                )
+            }
+        };
+        insert_row(&tx, row).map_err(|e| match e {
+            rusqlite::Error::SqliteFailure(f, _)
+                if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Refused::NameInUse(row.name.clone())
+            }
+            e => Refused::Db(db_err(e)),
+        })?;
+        tx.commit().map_err(db_err)?;
+        Ok(())
     }
 
     /// Replace a sandbox's stored spec (a `PATCH`).
@@ -190,8 +307,8 @@ impl Db {
         let at = now();
         self.with(|c| {
             c.execute(
-                "UPDATE sandboxes SET spec = ?2, updated_at = ?3 WHERE id = ?1",
-                params![id, json, at],
+                "UPDATE sandboxes SET spec = ?2, updated_at = ?3, net_slot = ?4 WHERE id = ?1",
+                params![id, json, at, spec.net_slot],
             )
             .map(|_| ())
         })
@@ -263,6 +380,21 @@ impl Db {
             rows.collect()
         })
     }
+}
+
+fn insert_row(tx: &rusqlite::Transaction<'_>, row: &SandboxRow) -> rusqlite::Result<()> {
+    let spec = serde_json::to_string(&row.spec)
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    tx.execute(
+        "INSERT INTO sandboxes(id, org, name, status, status_reason, spec, created_at, updated_at, net_slot)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![row.id, row.org, row.name, row.status.as_str(), row.status_reason, spec, row.created_at, row.updated_at, row.spec.net_slot],
+    )?;
+    tx.execute(
+        "INSERT INTO sandbox_events(sandbox_id, status, reason, at) VALUES (?1, ?2, NULL, ?3)",
+        params![row.id, row.status.as_str(), row.created_at],
+    )?;
+    Ok(())
 }
 
 fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
@@ -348,6 +480,136 @@ mod tests {
             .collect();
         assert_eq!(ev, ["creating", "running", "failed"]);
         assert!(db.name_in_use("acme", "sb_1").unwrap());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn scratch(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("sf-db-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn admission_holds_across_connections_racing_on_one_file() {
+        let dir = scratch("admit");
+        let path = dir.join("t.db");
+        Db::open(&path).unwrap();
+        // Four connections (as four daemons would be), 25 creates each,
+        // all at once: the quota, the names and the slots hold.
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let db = Db::open(&path).unwrap();
+                    let mut ok = vec![];
+                    for i in 0..25 {
+                        let mut r = row(&format!("sb_{t}_{i}"), "acme");
+                        r.name = format!("n{}", i % 10);
+                        r.spec.network = Network::Nat;
+                        let adm = Admission {
+                            max_live: 8,
+                            slots: Some(100),
+                        };
+                        match db.admit(&mut r, adm) {
+                            Ok(()) => ok.push((r.name.clone(), r.spec.net_slot.unwrap())),
+                            Err(Refused::Quota { .. } | Refused::NameInUse(_)) => {}
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    ok
+                })
+            })
+            .collect();
+        let ok: Vec<(String, u32)> = handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        assert_eq!(ok.len(), 8, "{ok:?}");
+        let names: std::collections::BTreeSet<_> = ok.iter().map(|o| &o.0).collect();
+        let slots: std::collections::BTreeSet<_> = ok.iter().map(|o| o.1).collect();
+        assert_eq!((names.len(), slots.len()), (8, 8), "{ok:?}");
+        assert_eq!(slots, (0..8).collect());
+        // A destroyed sandbox frees its name and slot.
+        let db = Db::open(&path).unwrap();
+        let victim = db
+            .list_sandboxes(Some("acme"))
+            .unwrap()
+            .into_iter()
+            .find(|r| r.spec.net_slot == Some(3))
+            .unwrap();
+        db.set_status(&victim.id, SandboxStatus::Destroyed, None)
+            .unwrap();
+        let mut r = row("sb_new", "acme");
+        r.name = victim.name.clone();
+        r.spec.network = Network::Nat;
+        db.admit(
+            &mut r,
+            Admission {
+                max_live: 8,
+                slots: Some(100),
+            },
+        )
+        .unwrap();
+        assert_eq!(r.spec.net_slot, Some(3));
+        let mut full = row("sb_full", "acme");
+        assert!(matches!(
+            db.admit(
+                &mut full,
+                Admission {
+                    max_live: 8,
+                    slots: None
+                }
+            ),
+            Err(Refused::Quota { live: 8, limit: 8 })
+        ));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_old_database_with_raced_duplicates_migrates() {
+        let dir = scratch("migrate");
+        let path = dir.join("t.db");
+        {
+            // The schema as an older daemon left it (user_version 0), with
+            // duplicates its quota race let in.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(SCHEMA).unwrap();
+            let db = Db {
+                conn: Mutex::new(c),
+            };
+            for id in ["sb_a", "sb_b", "sb_c"] {
+                let mut r = row(id, "acme");
+                r.name = "same".into();
+                r.spec.net_slot = Some(7);
+                let spec = serde_json::to_string(&r.spec).unwrap();
+                db.with(|c| {
+                    c.execute(
+                        "INSERT INTO sandboxes(id, org, name, status, spec, created_at, updated_at) VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?5)",
+                        params![r.id, r.org, r.name, spec, r.created_at],
+                    )
+                })
+                .unwrap();
+            }
+        }
+        let db = Db::open(&path).unwrap();
+        let rows = db.list_sandboxes(Some("acme")).unwrap();
+        let names: std::collections::BTreeSet<_> = rows.iter().map(|r| r.name.clone()).collect();
+        assert_eq!(names.len(), 3, "{names:?}");
+        assert!(names.contains("same"));
+        let slot_holders: i64 = db
+            .with(|c| {
+                c.query_row(
+                    "SELECT COUNT(*) FROM sandboxes WHERE net_slot = 7",
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .unwrap();
+        assert_eq!(slot_holders, 1);
+        // Opening again is a no-op.
+        drop(db);
+        Db::open(&path).unwrap();
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -12,7 +12,7 @@ use sandforge_api::{Egress, Network, PatchSandbox, Sandbox, SandboxStatus};
 use sandforge_runtime::network::Lease;
 
 use crate::controller::Controller;
-use crate::db::SandboxRow;
+use crate::db::{Admission, Refused, SandboxRow};
 use crate::error::ApiError;
 
 impl Controller {
@@ -40,29 +40,35 @@ impl Controller {
         }
     }
 
-    /// The lowest /30 slot no live sandbox holds. Call with `net_alloc`
-    /// held until the new row is in the database.
-    pub(crate) fn free_slot(&self) -> Result<u32, ApiError> {
-        let Some(net) = &self.network else {
-            return Err(ApiError::internal("no network"));
+    /// Insert a new sandbox through the database's admission (the org's
+    /// quota, a free name, the lowest free network slot for a NAT one),
+    /// all in one transaction.
+    pub(crate) fn admit(&self, row: &mut SandboxRow) -> Result<(), ApiError> {
+        let slots = match (&self.network, row.spec.network) {
+            (Some(net), Network::Nat) => Some(net.config().slots()),
+            (None, Network::Nat) => return Err(ApiError::internal("no network")),
+            _ => None,
         };
-        let mut used: Vec<u32> = self
-            .db
-            .list_sandboxes(None)?
-            .iter()
-            .filter(|r| r.status != SandboxStatus::Destroyed)
-            .filter_map(|r| r.spec.net_slot)
-            .collect();
-        used.sort_unstable();
-        (0..net.config().slots())
-            .find(|s| used.binary_search(s).is_err())
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "network_full",
-                    "every address of the sandbox subnet is in use",
-                )
-            })
+        let adm = Admission {
+            max_live: self.cfg.max_sandboxes_per_org,
+            slots,
+        };
+        self.db.admit(row, adm).map_err(|e| match e {
+            Refused::Quota { .. } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "quota_exceeded",
+                e.to_string(),
+            ),
+            Refused::NameInUse(_) => {
+                ApiError::conflict("name_in_use", format!("name: {e}")).field("name")
+            }
+            Refused::NetworkFull => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "network_full",
+                e.to_string(),
+            ),
+            Refused::Db(e) => e.into(),
+        })
     }
 
     pub(crate) fn lease_of(&self, row: &SandboxRow) -> Option<Lease> {

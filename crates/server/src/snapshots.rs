@@ -291,13 +291,6 @@ impl Controller {
         )?;
         if let Some(n) = &req.name {
             validate_name("name", n)?;
-            if self.db.name_in_use(org, n)? {
-                return Err(ApiError::conflict(
-                    "name_in_use",
-                    format!("name: '{n}' is already used"),
-                )
-                .field("name"));
-            }
         }
         let snap = self
             .db
@@ -343,13 +336,7 @@ impl Controller {
         let backend = self.backend(row.spec.isolation)?;
         let lock = self.op_lock(&id);
         let _guard = lock.lock().await;
-        {
-            let _slot = self.net_alloc.lock().await;
-            if row.spec.network == Network::Nat {
-                row.spec.net_slot = Some(self.free_slot()?);
-            }
-            self.db.insert_sandbox(&row)?;
-        }
+        self.admit(&mut row)?;
         let spec = self.spec_for(&row)?;
         let started = async {
             self.net_attach(&row).await?;
