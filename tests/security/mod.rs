@@ -18,5 +18,6 @@ pub mod dns;
 pub mod memory;
 pub mod mounts;
 pub mod quota;
+pub mod races;
 pub mod seccomp;
 pub mod state_files;

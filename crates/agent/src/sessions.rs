@@ -16,7 +16,7 @@
 //! [`MAX_ENDED`] ended ones are kept for their exit codes. `unsafe` only
 //! to register the master fd with tokio.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -70,7 +70,23 @@ pub struct Session {
 #[derive(Default)]
 pub struct Sessions {
     map: Mutex<HashMap<String, Arc<Session>>>,
+    /// Ids of sessions being spawned: reserved with the check, under the
+    /// `map` lock (always taken first), so two concurrent creates of one id
+    /// cannot both pass it, nor can creates run past [`MAX_LIVE`].
+    pending: Mutex<HashSet<String>>,
     next: AtomicU64,
+}
+
+/// A reserved session id, released when the create ends either way.
+struct Reservation<'a> {
+    pending: &'a Mutex<HashSet<String>>,
+    id: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.pending.lock().expect("pending").remove(&self.id);
+    }
 }
 
 fn now_secs() -> u64 {
@@ -216,24 +232,30 @@ impl Sessions {
             Some(id) => id,
             None => format!("s{}", seq + 1),
         };
-        {
+        let _reserved = {
             let mut map = self.map.lock().expect("sessions");
+            let mut pending = self.pending.lock().expect("pending");
             Self::prune(&mut map);
-            if map.get(&id).is_some_and(|s| s.running()) {
+            if map.get(&id).is_some_and(|s| s.running()) || pending.contains(&id) {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
                     "session_exists",
                     format!("session {id} is running"),
                 ));
             }
-            if map.values().filter(|s| s.running()).count() >= MAX_LIVE {
+            if map.values().filter(|s| s.running()).count() + pending.len() >= MAX_LIVE {
                 return Err(ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     "too_many_sessions",
                     format!("at most {MAX_LIVE} running sessions per sandbox"),
                 ));
             }
-        }
+            pending.insert(id.clone());
+            Reservation {
+                pending: &self.pending,
+                id: id.clone(),
+            }
+        };
         let permit = reaper.permit().await;
         let spawned = pty::spawn(&req.argv, &req.env, req.cwd.as_deref(), req.size)
             .map_err(ApiError::bad_request)?;

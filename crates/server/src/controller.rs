@@ -357,6 +357,7 @@ impl Controller {
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(id.clone(), client);
                 self.db.set_status(&id, SandboxStatus::Running, None)?;
+                self.start_clock(&id)?;
                 self.touch(&id);
                 tracing::info!(%id, ms = t0.elapsed().as_millis() as u64, "sandbox running");
             }

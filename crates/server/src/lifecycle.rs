@@ -120,13 +120,15 @@ impl Controller {
     /// Make a suspended or stopped sandbox run again (idempotent for a
     /// running one); 409 for one that cannot run.
     pub async fn wake(&self, org: &str, id: &str) -> Result<Sandbox, ApiError> {
-        let row = self.get(org, id)?;
-        if matches!(
-            row.status,
-            SandboxStatus::Suspended | SandboxStatus::Stopped
-        ) {
+        self.get(org, id)?;
+        {
+            // Always under the op lock, with the activity recorded before
+            // it is released: the thermal manager re-checks idleness under
+            // the same lock, so it either paused first (and this resumes)
+            // or sees this request and leaves the sandbox running.
             let lock = self.op_lock(id);
             let _guard = lock.lock().await;
+            self.touch(id);
             let row = self.get(org, id)?;
             match row.status {
                 SandboxStatus::Suspended => self.resume_row(&row).await?,
@@ -265,6 +267,21 @@ impl Controller {
         })
     }
 
+    /// An ephemeral sandbox's clock starts when it is running, not when it
+    /// was inserted (a VM's boot or a slow start does not eat its timeout).
+    /// Call under the op lock, right after the sandbox became `running`.
+    pub(crate) fn start_clock(&self, id: &str) -> Result<(), ApiError> {
+        let Some(row) = self.db.get_sandbox(id)? else {
+            return Ok(());
+        };
+        if let Some(t) = row.spec.lifecycle.timeout_secs {
+            let mut spec = row.spec;
+            spec.expires_at = Some(chrono::Utc::now().timestamp() + t as i64);
+            self.db.set_spec(id, &spec)?;
+        }
+        Ok(())
+    }
+
     /// `POST /sandboxes/{id}/keepalive`.
     pub async fn keepalive(
         &self,
@@ -272,6 +289,8 @@ impl Controller {
         id: &str,
         req: Keepalive,
     ) -> Result<Sandbox, ApiError> {
+        let lock = self.op_lock(id);
+        let _guard = lock.lock().await;
         let row = self.get(org, id)?;
         if row.spec.lifecycle.mode != Mode::Ephemeral {
             return Err(ApiError::conflict(
@@ -381,6 +400,22 @@ impl Controller {
             SandboxStatus::Running if warm > 0 && idle >= Duration::from_secs(warm) => {
                 let lock = self.op_lock(&row.id);
                 let _guard = lock.lock().await;
+                // Again under the lock: a request that arrived meanwhile
+                // (it touches under this lock) or an operation that changed
+                // the sandbox wins over the pause.
+                let Some(row) = self.db.get_sandbox(&row.id)? else {
+                    return Ok(());
+                };
+                let still_idle = self
+                    .idle_for(&row.id)
+                    .is_some_and(|i| i >= Duration::from_secs(warm));
+                if row.status != SandboxStatus::Running
+                    || row.spec.lifecycle.keep_hot
+                    || !still_idle
+                {
+                    return Ok(());
+                }
+                let row = &row;
                 let backend = self.backend(row.spec.isolation)?;
                 let spec = self.spec_for(row)?;
                 backend.pause(&spec).await?;

@@ -101,41 +101,38 @@ impl Controller {
     /// force at once.
     pub async fn patch(&self, org: &str, id: &str, req: PatchSandbox) -> Result<Sandbox, ApiError> {
         let egress = chosen_egress(req.egress, req.network_policy)?;
+        // Read, change and write the spec under the sandbox's op lock: a
+        // concurrent keepalive, PATCH or lifecycle step cannot interleave
+        // and lose one of the changes.
+        let lock = self.op_lock(id);
+        let _guard = lock.lock().await;
         let row = self.get(org, id)?;
-        if let Some(k) = req.keep_hot {
-            if row.status == SandboxStatus::Destroyed {
-                return Err(crate::controller::not_running(&row));
-            }
-            let mut spec = row.spec.clone();
-            spec.lifecycle.keep_hot = k;
-            self.db.set_spec(id, &spec)?;
-        }
-        let row = self.get(org, id)?;
-        let Some(egress) = egress else {
-            return Ok(self.to_api(&row));
-        };
-        if row.spec.network != Network::Nat {
-            return Err(ApiError::conflict(
-                "no_network",
-                format!("sandbox '{id}' is offline: it has no egress to filter"),
-            )
-            .field("egress"));
-        }
         if row.status == SandboxStatus::Destroyed {
             return Err(crate::controller::not_running(&row));
         }
-        let lock = self.op_lock(id);
-        let _guard = lock.lock().await;
-        if let Some(net) = &self.network {
-            net.update(id, &egress)
-                .await
-                .map_err(|e| net_error(format!("updating the egress policy: {e}")))?;
-        }
         let mut spec = row.spec.clone();
-        spec.egress = Some(egress);
-        self.db.set_spec(id, &spec)?;
-        let row = self.get(org, id)?;
-        Ok(self.to_api(&row))
+        if let Some(k) = req.keep_hot {
+            spec.lifecycle.keep_hot = k;
+        }
+        if let Some(egress) = egress {
+            if row.spec.network != Network::Nat {
+                return Err(ApiError::conflict(
+                    "no_network",
+                    format!("sandbox '{id}' is offline: it has no egress to filter"),
+                )
+                .field("egress"));
+            }
+            if let Some(net) = &self.network {
+                net.update(id, &egress)
+                    .await
+                    .map_err(|e| net_error(format!("updating the egress policy: {e}")))?;
+            }
+            spec.egress = Some(egress);
+        }
+        if spec != row.spec {
+            self.db.set_spec(id, &spec)?;
+        }
+        Ok(self.to_api(&self.get(org, id)?))
     }
 }
 

@@ -5,13 +5,17 @@
 //! request target, `Host` becomes `localhost:{port}`, and the caller's
 //! `Authorization` header is never passed on. Bodies stream both ways;
 //! `Upgrade` requests (WebSocket) are spliced byte for byte after the
-//! `101`. One tunnel per request (no pooling). Limits: request bodies up to
+//! `101`. One tunnel per request (no pooling). The caller's `hold` guard
+//! (the sandbox's busy mark) lives as long as the response body or the
+//! spliced connection, so a long stream or a WebSocket keeps the sandbox
+//! busy for its whole life. Limits: request bodies up to
 //! [`MAX_BODY`], and [`RESPONSE_TIMEOUT`] for the answer to start. Must not decide who may
 //! reach what: callers check that first.
 
 use axum::body::Body;
 use axum::response::Response;
 use http::{header, HeaderValue, Request, StatusCode};
+use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use sandforge_runtime::{AgentClient, RuntimeError};
 
@@ -34,12 +38,14 @@ fn bad_gateway(message: String) -> ApiError {
 }
 
 /// Send `req` to `localhost:{port}` in the sandbox as `target` (path and
-/// query) and return the sandbox's answer.
-pub async fn forward(
+/// query) and return the sandbox's answer; `hold` is dropped when the
+/// answer's body (or the upgraded connection) ends.
+pub async fn forward<G: Send + Sync + 'static>(
     agent: &AgentClient,
     port: u16,
     mut req: Request<Body>,
     target: &str,
+    hold: G,
 ) -> Result<Response, ApiError> {
     let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let io = agent.tcp(port).await.map_err(|e| match e {
@@ -82,14 +88,23 @@ pub async fn forward(
         if let Some(client) = client_upgrade {
             let upstream = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
+                let _hold = hold;
                 if let (Ok(c), Ok(u)) = (client.await, upstream.await) {
                     let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
                     let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
                 }
             });
+            let (parts, body) = resp.into_parts();
+            return Ok(Response::from_parts(parts, Body::new(body)));
         }
     }
     let (parts, body) = resp.into_parts();
+    // The guard moves into the body: dropped with it, when the response is
+    // sent or the client goes away.
+    let body = body.map_frame(move |f| {
+        let _ = &hold;
+        f
+    });
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 

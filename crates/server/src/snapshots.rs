@@ -353,6 +353,7 @@ impl Controller {
                     SandboxStatus::Running,
                     Some(&format!("forked from {sid}")),
                 )?;
+                self.start_clock(&id)?;
                 self.touch(&id);
             }
             Err(e) => {

@@ -101,10 +101,20 @@ pub async fn proxy(
     });
     let (parts, body) = req.into_parts();
     let caller = caller_of_request(&st, &parts, token.as_deref())?;
+    // Busy from before the wake until the response (or the upgraded
+    // connection) ends: a long stream keeps the sandbox hot.
+    st.controller.get(&caller.org, &id)?;
+    let busy = st.controller.busy(&id);
     let agent = st.controller.agent(&caller.org, &id).await?;
     let target = proxy::target(&path, parts.uri.query());
-    let _busy = st.controller.busy(&id);
-    proxy::forward(&agent, port, Request::from_parts(parts, body), &target).await
+    proxy::forward(
+        &agent,
+        port,
+        Request::from_parts(parts, body),
+        &target,
+        busy,
+    )
+    .await
 }
 
 pub async fn publish(
@@ -148,12 +158,13 @@ pub async fn published(State(st): State<AppState>, req: Request<Body>) -> Respon
         .to_string();
     let result = async {
         let rule = st.controller.rule_for_host(&host)?;
+        let busy = st.controller.busy(&rule.sandbox_id);
         let agent = st.controller.agent_of(&rule.sandbox_id).await?;
         let target = req
             .uri()
             .path_and_query()
             .map_or("/".to_string(), |pq| pq.as_str().to_string());
-        proxy::forward(&agent, rule.port, req, &target).await
+        proxy::forward(&agent, rule.port, req, &target, busy).await
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
