@@ -18,8 +18,8 @@ async fn creates(d: &Daemon, bodies: Vec<Value>) -> Vec<(StatusCode, Value)> {
     .await
 }
 
-fn live(d: &Daemon) -> impl std::future::Future<Output = Vec<String>> + '_ {
-    async move {
+async fn live(d: &Daemon) -> Vec<String> {
+    {
         let (s, v) = d.call(Method::GET, "/v1/sandboxes", None).await;
         assert_eq!(s, StatusCode::OK, "{v}");
         let list = v
