@@ -195,16 +195,7 @@ for p in pids:
     os.waitpid(p, 0)
 print(len(pids), err)
 "#;
-    let r = d
-        .req(
-            Method::PUT,
-            &format!("/v1/sandboxes/{id}/files?path=/tmp/forks.py"),
-        )
-        .body(probe)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    d.put_file(&id, "/tmp/forks.py", probe).await;
     let out = d.sh_ok(&id, "python3 /tmp/forks.py").await;
     let mut it = out.split_whitespace().map(|x| x.parse::<u32>().unwrap());
     let (forked, errno) = (it.next().unwrap(), it.next().unwrap());

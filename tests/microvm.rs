@@ -82,16 +82,7 @@ async fn a_vm_runs_commands_and_files_then_fails_cleanly_when_qemu_dies() {
     assert_eq!(v["stdout"], "42\n42\n", "{v}");
 
     // Files over the same channel.
-    let r = d
-        .req(
-            Method::PUT,
-            &format!("/v1/sandboxes/{id}/files?path=/root/in.txt"),
-        )
-        .body("vm data\n")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    d.put_file(&id, "/root/in.txt", "vm data\n").await;
     assert_eq!(d.sh_ok(&id, "cat /root/in.txt").await, "vm data\n");
     let r = d
         .req(

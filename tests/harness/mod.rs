@@ -371,6 +371,20 @@ impl Daemon {
     }
 
     /// stdout of a command that must exit 0.
+    /// Write `body` to `path` in the sandbox through the files API (204).
+    pub async fn put_file(&self, id: &str, path: &str, body: impl Into<reqwest::Body>) {
+        let r = self
+            .req(
+                Method::PUT,
+                &format!("/v1/sandboxes/{id}/files?path={path}"),
+            )
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NO_CONTENT, "PUT {path}");
+    }
+
     pub async fn sh_ok(&self, id: &str, command: &str) -> String {
         let v = self.sh(id, command).await;
         assert_eq!(v["exit_code"], 0, "`{command}` failed: {v}");

@@ -184,16 +184,7 @@ elif mode == 'flood':
 "#;
 
 async fn install_client(d: &Daemon, id: &str) {
-    let r = d
-        .req(
-            Method::PUT,
-            &format!("/v1/sandboxes/{id}/files?path=/tmp/dns.py"),
-        )
-        .body(CLIENT)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.status());
+    d.put_file(id, "/tmp/dns.py", CLIENT).await;
 }
 
 async fn client(d: &Daemon, id: &str, args: &str) -> String {

@@ -78,16 +78,7 @@ async fn a_flowing_proxied_or_published_stream_keeps_the_sandbox_hot() {
     let id = d
         .create_id(json!({"mode": "persistent", "idle_timeout": "2s", "network": "offline"}))
         .await;
-    let r = d
-        .req(
-            Method::PUT,
-            &format!("/v1/sandboxes/{id}/files?path=/srv/trickle.py"),
-        )
-        .body(TRICKLE)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    d.put_file(&id, "/srv/trickle.py", TRICKLE).await;
     d.sh_ok(
         &id,
         "cd /srv && (nohup python3 trickle.py >/dev/null 2>&1 &)",

@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 
-use reqwest::{Method, StatusCode};
 use sandforge_tests::{vm, Attempts, Daemon};
 use serde_json::json;
 
@@ -100,16 +99,7 @@ async fn seccomp_allow_list_refuses_kernel_surface() {
         d.destroy(&id).await;
         return;
     }
-    let r = d
-        .req(
-            Method::PUT,
-            &format!("/v1/sandboxes/{id}/files?path=/tmp/probe.py"),
-        )
-        .body(PROBE)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    d.put_file(&id, "/tmp/probe.py", PROBE).await;
     let out = d.sh_ok(&id, "python3 /tmp/probe.py 2>&1").await;
     let results: HashMap<&str, (i64, i64)> = out
         .lines()
