@@ -17,5 +17,6 @@ pub mod disk;
 pub mod dns;
 pub mod memory;
 pub mod mounts;
+pub mod proxy;
 pub mod seccomp;
 pub mod state_files;
