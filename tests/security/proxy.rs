@@ -58,6 +58,11 @@ async fn serve(d: &Daemon, id: &str) {
     }
 }
 
+/// Whether the request carries the bearer header (else `?token=`), the
+/// path and query after the port, extra request headers, and the target
+/// the sandbox must see.
+type Case<'a> = (bool, String, Vec<(&'a str, String)>, &'a str);
+
 #[tokio::test]
 async fn sandbox_pages_on_the_api_origin_are_confined() {
     let d = Daemon::start().await;
@@ -67,10 +72,8 @@ async fn sandbox_pages_on_the_api_origin_are_confined() {
     serve(&d, &id).await;
     let mut a = Attempts::new("proxied pages on the API origin");
 
-    // (how the request authenticates, path and query after the port,
-    // extra request headers, the target the sandbox must see)
     let referer = format!("{}/v1/sandboxes/{id}/proxy/8123/?token={TOKEN}", d.url);
-    let cases: Vec<(bool, String, Vec<(&str, String)>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             false,
             format!("echo?a=1&token={TOKEN}&b=2"),
