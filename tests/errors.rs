@@ -299,16 +299,6 @@ async fn oversized_and_lengthless_uploads_are_refused_without_reading_them() {
 /// it listens, with a message naming the key (issue 11, item 14).
 #[tokio::test]
 async fn an_invalid_config_refuses_to_start_naming_the_key() {
-    let dir = sandforge_tests::scratch_dir("sf-badcfg-");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let base = format!(
-        "listen: 127.0.0.1:{port}\nstate_dir: {}\n",
-        dir.path().join("state").display()
-    );
     for (bad, key) in [
         ("network_prefix: q163", "network_prefix"),
         ("network_subnet: 10.1.2.0/30", "network_subnet"),
@@ -319,7 +309,7 @@ async fn an_invalid_config_refuses_to_start_naming_the_key() {
         ("max_connections: -3", "max_connections"),
         ("publish_listen: localhost", "publish_listen"),
         (
-            &format!("publish_listen: 127.0.0.1:{port}"),
+            "listen: 127.0.0.1:9\npublish_listen: 127.0.0.1:9",
             "publish_listen",
         ),
         ("default_network: wifi", "default_network"),
@@ -328,40 +318,7 @@ async fn an_invalid_config_refuses_to_start_naming_the_key() {
         ("lifecycle_interval_ms: 0", "lifecycle_interval_ms"),
         ("dns_hosts: {\"no such name\": 10.0.0.1}", "dns_hosts"),
     ] {
-        let config = dir.path().join("config.yaml");
-        std::fs::write(&config, format!("{base}{bad}\n")).unwrap();
-        let mut child = std::process::Command::new(sandforge_tests::bin("sandforge"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .env("SANDFORGE_TOKEN", TOKEN)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        let status = loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                break st;
-            }
-            assert!(
-                std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
-                "{bad}: the daemon listens"
-            );
-            if std::time::Instant::now() > deadline {
-                child.kill().unwrap();
-                panic!("{bad}: the daemon did not exit");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        };
-        let mut stderr = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut stderr)
-            .unwrap();
+        let (status, stderr) = Daemon::refused(bad);
         assert!(!status.success(), "{bad}: exited with {status}");
         assert!(
             stderr.contains(&format!("config: {key}")),
