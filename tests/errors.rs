@@ -294,3 +294,82 @@ async fn oversized_and_lengthless_uploads_are_refused_without_reading_them() {
     assert!(resp.contains("length_required"), "{resp}");
     d.destroy(&id).await;
 }
+
+/// A config with one bad key makes `sandforge serve` exit non-zero before
+/// it listens, with a message naming the key (issue 11, item 14).
+#[tokio::test]
+async fn an_invalid_config_refuses_to_start_naming_the_key() {
+    for (bad, key) in [
+        ("network_prefix: q163", "network_prefix"),
+        ("network_subnet: 10.1.2.0/30", "network_subnet"),
+        ("nft_table: \"t; flush ruleset\"", "nft_table"),
+        ("dns_upstream: not-an-address", "dns_upstream"),
+        ("pids_limit: lots", "pids_limit"),
+        ("monitor_interval_secs: 0", "monitor_interval_secs"),
+        ("max_connections: -3", "max_connections"),
+        ("publish_listen: localhost", "publish_listen"),
+        (
+            "listen: 127.0.0.1:9\npublish_listen: 127.0.0.1:9",
+            "publish_listen",
+        ),
+        ("default_network: wifi", "default_network"),
+        ("template_dir: relative", "template_dir"),
+        ("vm_uid_base: 7", "vm_uid_base"),
+        ("lifecycle_interval_ms: 0", "lifecycle_interval_ms"),
+        ("dns_hosts: {\"no such name\": 10.0.0.1}", "dns_hosts"),
+    ] {
+        let (status, stderr) = Daemon::refused(bad);
+        assert!(!status.success(), "{bad}: exited with {status}");
+        assert!(
+            stderr.contains(&format!("config: {key}")),
+            "{bad}: stderr should name {key}: {stderr}"
+        );
+    }
+}
+
+/// A daemon on a host without sandbox networking runs offline sandboxes,
+/// but a create or PATCH asking for a network answers 400
+/// `network_unavailable` naming the field, never 201 with an offline
+/// sandbox (issue 11, item 14).
+#[tokio::test]
+async fn without_networking_asking_for_it_is_refused_naming_the_field() {
+    let d = Daemon::start_with_env(&[], "", &[("SANDFORGE_NETWORK_UNAVAILABLE", "1")]).await;
+    assert!(
+        d.log().contains("sandbox networking unavailable"),
+        "{}",
+        d.log()
+    );
+    let policy = json!({"mode": "deny_all", "allow_cidrs": ["1.1.1.1/32"]});
+    let seed3 = json!({"enabled": true, "allowed_domains": ["example.com"]});
+    for (body, field) in [
+        (json!({"network": "nat"}), "network"),
+        (json!({"egress": policy}), "egress"),
+        (json!({"network_policy": seed3}), "network_policy"),
+        (json!({"network": "nat", "egress": policy}), "network"),
+    ] {
+        let (s, v) = d
+            .call(Method::POST, "/v1/sandboxes", Some(body.clone()))
+            .await;
+        assert_error(s, &v, StatusCode::BAD_REQUEST, "network_unavailable", field);
+        assert_eq!(v["error"]["field"], field, "{body}: {v}");
+    }
+    let (_, list) = d.call(Method::GET, "/v1/sandboxes", None).await;
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+
+    // A create that does not ask gets an offline sandbox; a policy for it is
+    // refused naming the spelling used.
+    let sb = d.create(json!({})).await;
+    assert_eq!(sb["network"], "offline", "{sb}");
+    let id = sb["id"].as_str().unwrap();
+    for (body, field) in [
+        (json!({"egress": policy}), "egress"),
+        (json!({"network_policy": seed3}), "network_policy"),
+    ] {
+        let (s, v) = d
+            .call(Method::PATCH, &format!("/v1/sandboxes/{id}"), Some(body))
+            .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        assert_eq!(v["error"]["field"], field, "{v}");
+    }
+    d.destroy(id).await;
+}

@@ -191,6 +191,59 @@ impl Daemon {
         Self::start_with(&[]).await
     }
 
+    /// Run `sandforge serve` with a test daemon's config plus `extra` YAML
+    /// lines, expecting it to refuse to start: its exit status and stderr,
+    /// once it exits (within 20 s). Panics if it ever answers on its port.
+    pub fn refused(extra: &str) -> (std::process::ExitStatus, String) {
+        let dir = scratch_dir("sf-refused-");
+        let port = free_port();
+        let config = dir.path().join("config.yaml");
+        let (net_prefix, nft_table) = net_names(port);
+        let mut text = String::new();
+        for (key, value) in [
+            ("listen", format!("127.0.0.1:{port}")),
+            ("publish_listen", format!("127.0.0.1:{}", free_port())),
+            ("state_dir", dir.path().join("state").display().to_string()),
+            ("network_prefix", net_prefix),
+            ("nft_table", nft_table),
+            ("network_subnet", test_subnet(port)),
+        ] {
+            if !extra.lines().any(|l| l.starts_with(&format!("{key}:"))) {
+                text.push_str(&format!("{key}: {value}\n"));
+            }
+        }
+        text.push_str(extra);
+        text.push('\n');
+        std::fs::write(&config, text).unwrap();
+        let mut child = Command::new(bin("sandforge"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .env("SANDFORGE_TOKEN", TOKEN)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn sandforge serve");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                || Instant::now() > deadline
+            {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{extra}: the daemon started");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        (status, stderr)
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
     }

@@ -17,6 +17,7 @@ pub mod disk;
 pub mod dns;
 pub mod memory;
 pub mod mounts;
+pub mod proxy;
 pub mod quota;
 pub mod races;
 pub mod seccomp;

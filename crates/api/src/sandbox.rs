@@ -217,10 +217,15 @@ impl CreateSandbox {
             self.idle_timeout.as_deref(),
             self.keep_hot,
         )?;
+        let policy_field = if self.network_policy.is_some() {
+            "network_policy"
+        } else {
+            "egress"
+        };
         let egress = chosen_egress(self.egress, self.network_policy)?;
         if egress.is_some() && self.network == Some(Network::Offline) {
             return Err(Invalid::new(
-                "egress",
+                policy_field,
                 "an offline sandbox has no egress to filter",
             ));
         }

@@ -1,5 +1,7 @@
-//! Supervisor configuration: defaults, the YAML file, and command-line
-//! overrides (flag > file > default). Owns no state and does no I/O beyond
+//! Supervisor configuration: defaults, the YAML file (`serde_yaml_ng`), and
+//! command-line overrides (flag > file > default), and the check of every
+//! key (types, ranges, formats) before the daemon does anything: an invalid
+//! config is an error naming the key. Owns no state and does no I/O beyond
 //! reading the file.
 
 use std::path::{Path, PathBuf};
@@ -95,6 +97,21 @@ pub struct Config {
     pub header_timeout_secs: u64,
 }
 
+/// The YAML text as a config: a wrong type or unknown key is an error that
+/// starts with the key's path.
+fn parse(raw: &str) -> Result<Config, String> {
+    let de = serde_yaml_ng::Deserializer::from_str(raw);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        if path == "." || inner.starts_with(&format!("{path}: ")) {
+            inner
+        } else {
+            format!("{path}: {inner}")
+        }
+    })
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -138,6 +155,18 @@ impl Default for Config {
     }
 }
 
+/// An invalid value of `key`: the message starts with the key.
+fn invalid(key: &str, message: impl std::fmt::Display) -> ServerError {
+    ServerError::Config(format!("{key}: {message}"))
+}
+
+fn invalid_more(e: ServerError, more: &str) -> ServerError {
+    match e {
+        ServerError::Config(m) => ServerError::Config(format!("{m} {more}")),
+        other => other,
+    }
+}
+
 impl Config {
     /// Load `path` (YAML) or the defaults, then apply overrides.
     pub fn load(
@@ -152,8 +181,8 @@ impl Config {
                 if raw.trim().is_empty() {
                     Config::default()
                 } else {
-                    serde_yaml::from_str(&raw)
-                        .map_err(|e| ServerError::Config(format!("{}: {e}", p.display())))?
+                    parse(&raw)
+                        .map_err(|e| ServerError::Config(format!("{e} (in {})", p.display())))?
                 }
             }
             None => Config::default(),
@@ -168,88 +197,216 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Every key checked (types are checked by the parser): an invalid
+    /// value stops the daemon before it listens, with a message that starts
+    /// with the key. Whether the host can do networking is not checked
+    /// here: that is a degraded mode, not an invalid config.
     fn validate(&self) -> Result<(), ServerError> {
-        if self.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(ServerError::Config(format!(
-                "listen: '{}' is not an address:port",
-                self.listen
-            )));
+        use sandforge_api::limits::{MAX_DISK_MB, MIN_DISK_MB};
+        let addr = |key: &str, v: &str| {
+            v.parse::<std::net::SocketAddr>()
+                .map_err(|_| invalid(key, format!("'{v}' is not an address:port")))
+        };
+        let listen = addr("listen", &self.listen)?;
+        let publish = addr("publish_listen", &self.publish_listen)?;
+        if listen == publish {
+            return Err(invalid(
+                "publish_listen",
+                format!("'{publish}' is also `listen`: the two listeners need their own addresses"),
+            ));
         }
-        for p in &self.allowed_host_paths {
+        for (key, p) in [
+            ("state_dir", &self.state_dir),
+            ("template_dir", &self.template_dir),
+            ("guest_dir", &self.guest_dir),
+            ("virtiofsd", &self.virtiofsd),
+        ] {
             if !p.is_absolute() {
-                return Err(ServerError::Config(format!(
-                    "allowed_host_paths: {} is not absolute",
-                    p.display()
-                )));
+                return Err(invalid(
+                    key,
+                    format!("'{}' is not an absolute path", p.display()),
+                ));
             }
         }
-        if self.publish_listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(ServerError::Config(format!(
-                "publish_listen: '{}' is not an address:port",
-                self.publish_listen
-            )));
+        for (i, p) in self.allowed_host_paths.iter().enumerate() {
+            if !p.is_absolute() {
+                return Err(invalid(
+                    &format!("allowed_host_paths[{i}]"),
+                    format!("'{}' is not an absolute path", p.display()),
+                ));
+            }
+        }
+        // Binaries: an absolute path, or a bare name looked up in PATH.
+        for (key, p) in [
+            ("runc", Some(&self.runc)),
+            ("qemu", Some(&self.qemu)),
+            ("qemu_img", Some(&self.qemu_img)),
+            ("agent_binary", self.agent_binary.as_ref()),
+        ] {
+            let Some(p) = p else { continue };
+            let bare = p.components().count() == 1 && !p.as_os_str().is_empty();
+            if !(p.is_absolute() || bare && key != "agent_binary") {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "'{}' is neither an absolute path nor a bare program name",
+                        p.display()
+                    ),
+                ));
+            }
+        }
+        let one_of = |key: &str, v: &str, allowed: &[&str]| {
+            if allowed.contains(&v) {
+                Ok(())
+            } else {
+                Err(invalid(
+                    key,
+                    format!("'{v}' is not one of {}", allowed.join(", ")),
+                ))
+            }
+        };
+        one_of(
+            "default_isolation",
+            &self.default_isolation,
+            &["auto", "container", "microvm"],
+        )?;
+        one_of("accel", &self.accel, &["auto", "kvm", "tcg"])?;
+        one_of(
+            "default_network",
+            &self.default_network,
+            &["nat", "offline"],
+        )?;
+        let range = |key: &str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(invalid(key, format!("{v} is not between {lo} and {hi}")))
+            }
+        };
+        range(
+            "max_sandboxes_per_org",
+            self.max_sandboxes_per_org,
+            1,
+            1_000_000,
+        )?;
+        range("pids_limit", self.pids_limit, 16, 4_194_304)?;
+        range("agent_timeout_secs", self.agent_timeout_secs, 1, 3600)?;
+        range("monitor_interval_secs", self.monitor_interval_secs, 1, 3600)?;
+        range("vm_boot_timeout_secs", self.vm_boot_timeout_secs, 1, 3600)?;
+        range("vm_disk_mb", self.vm_disk_mb, MIN_DISK_MB, MAX_DISK_MB)?;
+        if self.container_disk_mb != 0 {
+            range(
+                "container_disk_mb",
+                self.container_disk_mb,
+                MIN_DISK_MB,
+                MAX_DISK_MB,
+            )
+            .map_err(|e| invalid_more(e, "(or 0: no disk image)"))?;
+        }
+        range("console_log_max_kb", self.console_log_max_kb, 1, 1 << 20)?;
+        range(
+            "max_snapshots_per_sandbox",
+            self.max_snapshots_per_sandbox,
+            0,
+            100_000,
+        )?;
+        range(
+            "lifecycle_interval_ms",
+            self.lifecycle_interval_ms,
+            100,
+            3_600_000,
+        )?;
+        const TEN_YEARS: u64 = 10 * 365 * 86_400;
+        range(
+            "thermal_warm_after_secs",
+            self.thermal_warm_after_secs,
+            0,
+            TEN_YEARS,
+        )?;
+        range(
+            "thermal_cold_after_secs",
+            self.thermal_cold_after_secs,
+            0,
+            TEN_YEARS,
+        )?;
+        range("max_connections", self.max_connections as u64, 1, 1_000_000)?;
+        range("header_timeout_secs", self.header_timeout_secs, 1, 3600)?;
+        let uid_range = sandforge_runtime::microvm::identity::RANGE;
+        if self.vm_uid_base != 0 {
+            range(
+                "vm_uid_base",
+                self.vm_uid_base.into(),
+                1000,
+                (u32::MAX - uid_range - 1).into(),
+            )
+            .map_err(|e| invalid_more(e, "(or 0: QEMU runs as the daemon's user)"))?;
         }
         if self.publish_domain.is_empty()
+            || self.publish_domain.starts_with('*')
             || !sandforge_api::network::valid_domain(&self.publish_domain)
         {
-            return Err(ServerError::Config(format!(
-                "publish_domain: '{}' is not a lowercase DNS name",
-                self.publish_domain
-            )));
-        }
-        if !["nat", "offline"].contains(&self.default_network.as_str()) {
-            return Err(ServerError::Config(format!(
-                "default_network: '{}' is not one of nat, offline",
-                self.default_network
-            )));
-        }
-        if sandforge_api::Cidr::parse(&self.network_subnet).is_none() {
-            return Err(ServerError::Config(format!(
-                "network_subnet: '{}' is not an IPv4 CIDR",
-                self.network_subnet
-            )));
-        }
-        if !["auto", "container", "microvm"].contains(&self.default_isolation.as_str()) {
-            return Err(ServerError::Config(format!(
-                "default_isolation: '{}' is not one of auto, container, microvm",
-                self.default_isolation
-            )));
-        }
-        if !["auto", "kvm", "tcg"].contains(&self.accel.as_str()) {
-            return Err(ServerError::Config(format!(
-                "accel: '{}' is not one of auto, kvm, tcg",
-                self.accel
-            )));
-        }
-        if !(1..=1_000_000).contains(&self.max_connections) {
-            return Err(ServerError::Config(
-                "max_connections: must be 1-1000000".into(),
+            return Err(invalid(
+                "publish_domain",
+                format!("'{}' is not a lowercase DNS name", self.publish_domain),
             ));
         }
-        if !(1..=3600).contains(&self.header_timeout_secs) {
-            return Err(ServerError::Config(
-                "header_timeout_secs: must be 1-3600".into(),
-            ));
+        match sandforge_api::Cidr::parse(&self.network_subnet) {
+            None => {
+                return Err(invalid(
+                    "network_subnet",
+                    format!("'{}' is not an IPv4 CIDR", self.network_subnet),
+                ))
+            }
+            Some(c) if !(8..=28).contains(&c.len) => {
+                return Err(invalid(
+                    "network_subnet",
+                    format!("'{}': the prefix length must be 8-28", self.network_subnet),
+                ))
+            }
+            Some(_) => {}
         }
-        use sandforge_api::limits::{MAX_DISK_MB, MIN_DISK_MB};
-        if self.container_disk_mb != 0
-            && !(MIN_DISK_MB..=MAX_DISK_MB).contains(&self.container_disk_mb)
+        if !(1..=4).contains(&self.network_prefix.len())
+            || !self.network_prefix.bytes().all(|b| b.is_ascii_lowercase())
         {
-            return Err(ServerError::Config(format!(
-                "container_disk_mb: must be 0 (unlimited) or between {MIN_DISK_MB} and {MAX_DISK_MB}"
-            )));
-        }
-        if !(1..=1 << 20).contains(&self.console_log_max_kb) {
-            return Err(ServerError::Config(
-                "console_log_max_kb: must be between 1 and 1048576".into(),
+            return Err(invalid(
+                "network_prefix",
+                format!("'{}' is not 1-4 lowercase letters", self.network_prefix),
             ));
         }
-        if self.pids_limit < 16 {
-            return Err(ServerError::Config(
-                "pids_limit: must be at least 16".into(),
+        let t = self.nft_table.as_bytes();
+        if !(1..=28).contains(&t.len())
+            || !t[0].is_ascii_lowercase()
+            || !t
+                .iter()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_')
+        {
+            return Err(invalid(
+                "nft_table",
+                format!(
+                    "'{}' is not 1-28 characters of [a-z0-9_] starting with a letter",
+                    self.nft_table
+                ),
             ));
+        }
+        self.dns_upstream_addr()?;
+        for name in self.dns_hosts.keys() {
+            let n = name.trim_end_matches('.').to_ascii_lowercase();
+            if n.is_empty() || n.starts_with('*') || !sandforge_api::network::valid_domain(&n) {
+                return Err(invalid(&format!("dns_hosts.{name}"), "is not a DNS name"));
+            }
         }
         Ok(())
+    }
+
+    /// `dns_upstream` as a socket address (port 53 when it has none).
+    pub fn dns_upstream_addr(&self) -> Result<Option<std::net::SocketAddr>, ServerError> {
+        let Some(u) = &self.dns_upstream else {
+            return Ok(None);
+        };
+        u.parse::<std::net::SocketAddr>()
+            .or_else(|_| u.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+            .map(Some)
+            .map_err(|_| invalid("dns_upstream", format!("'{u}' is not an ip or ip:port")))
     }
 
     /// The agent binary to install into the state directory.
@@ -303,5 +460,82 @@ mod tests {
         std::fs::write(&f, "listen: nope\n").unwrap();
         assert!(Config::load(Some(&f), None, None).is_err());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn error_of(yaml: &str) -> String {
+        match parse(yaml).map_err(ServerError::Config).and_then(|c| {
+            c.validate()?;
+            Ok(c)
+        }) {
+            Ok(_) => panic!("{yaml:?} was accepted"),
+            Err(ServerError::Config(m)) => m,
+            Err(e) => panic!("{yaml:?}: {e}"),
+        }
+    }
+
+    #[test]
+    fn every_invalid_key_is_named() {
+        for (yaml, key) in [
+            ("network_prefix: q163", "network_prefix"),
+            ("network_prefix: abcde", "network_prefix"),
+            ("network_subnet: 10.0.0.0/30", "network_subnet"),
+            ("network_subnet: 10.0.0.0", "network_subnet"),
+            ("nft_table: \"x; flush ruleset\"", "nft_table"),
+            ("nft_table: 9abc", "nft_table"),
+            ("dns_upstream: resolver", "dns_upstream"),
+            ("dns_hosts: {\"bad name\": 10.0.0.1}", "dns_hosts.bad name"),
+            ("dns_hosts: {a.b: nope}", "dns_hosts"),
+            ("pids_limit: lots", "pids_limit"),
+            ("pids_limit: -1", "pids_limit"),
+            ("pids_limit: 8", "pids_limit"),
+            ("max_sandboxes_per_org: 0", "max_sandboxes_per_org"),
+            ("monitor_interval_secs: 0", "monitor_interval_secs"),
+            ("agent_timeout_secs: 0", "agent_timeout_secs"),
+            ("vm_boot_timeout_secs: 0", "vm_boot_timeout_secs"),
+            ("lifecycle_interval_ms: 5", "lifecycle_interval_ms"),
+            (
+                "thermal_warm_after_secs: 999999999999",
+                "thermal_warm_after_secs",
+            ),
+            ("vm_disk_mb: 1", "vm_disk_mb"),
+            ("container_disk_mb: 1", "container_disk_mb"),
+            ("vm_uid_base: 5", "vm_uid_base"),
+            ("vm_uid_base: 4294967295", "vm_uid_base"),
+            ("max_connections: 0", "max_connections"),
+            ("header_timeout_secs: 0", "header_timeout_secs"),
+            ("console_log_max_kb: 0", "console_log_max_kb"),
+            ("listen: 127.0.0.1", "listen"),
+            ("publish_listen: 127.0.0.1:8585", "publish_listen"),
+            ("publish_domain: Upper.Case", "publish_domain"),
+            ("default_network: wifi", "default_network"),
+            ("default_isolation: jail", "default_isolation"),
+            ("accel: hvf", "accel"),
+            ("state_dir: relative/dir", "state_dir"),
+            ("template_dir: t", "template_dir"),
+            ("guest_dir: g", "guest_dir"),
+            ("virtiofsd: bin/virtiofsd", "virtiofsd"),
+            ("runc: ./runc", "runc"),
+            ("qemu: \"\"", "qemu"),
+            ("agent_binary: sandforge-agent", "agent_binary"),
+            ("allowed_host_paths: [/ok, rel]", "allowed_host_paths[1]"),
+            ("allowed_host_paths: /srv", "allowed_host_paths"),
+            ("lisen: x", "lisen"),
+        ] {
+            let m = error_of(yaml);
+            assert!(
+                m.starts_with(key) || m.contains(&format!("`{key}`")),
+                "{yaml}: {m}"
+            );
+        }
+        // Fine as they are.
+        for yaml in [
+            "runc: runc\nqemu: /usr/bin/qemu-system-x86_64",
+            "vm_uid_base: 0\ncontainer_disk_mb: 0\nthermal_warm_after_secs: 0",
+            "dns_upstream: 10.0.0.1\ndns_hosts: {Db.Local.: 10.0.0.2}",
+            "dns_upstream: 10.0.0.1:5353\nnetwork_prefix: z\nnft_table: sft_1",
+        ] {
+            let c = parse(yaml).unwrap();
+            c.validate().unwrap_or_else(|e| panic!("{yaml}: {e}"));
+        }
     }
 }

@@ -279,13 +279,14 @@ impl Controller {
         if req.snapshot_id.is_some() {
             return self.fork(org, req).await;
         }
+        let egress_field = crate::network::egress_field(req.network_policy.is_some());
         let v = req.validate()?;
         let isolation = v.isolation.unwrap_or(self.default_isolation);
         let backend = self.backend(isolation)?;
         let template = self.templates.get(&v.template)?;
         let disk_mb = self.disk_size(isolation, &v, &template)?;
         let resolved = self.resolve_mounts(&v)?;
-        let (network, egress) = self.net_choice(&v)?;
+        let (network, egress) = self.net_choice(&v, egress_field)?;
         let id = new_id();
         let name = v.name.clone().unwrap_or_else(|| id.replace('_', "-"));
         let ts = now();

@@ -61,6 +61,19 @@ impl ApiError {
         Self::new(StatusCode::CONFLICT, code, message)
     }
 
+    /// The request asks for sandbox networking (`field`: `network`,
+    /// `egress` or `network_policy`) on a daemon running without it.
+    pub fn network_unavailable(field: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "network_unavailable",
+            format!(
+                "{field}: sandbox networking is not available on this host (see the supervisor's log); only offline sandboxes can be made"
+            ),
+        )
+        .field(field)
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }

@@ -239,21 +239,46 @@ pub fn mem_dir(state: &Path) -> PathBuf {
     PathBuf::from(format!("/dev/shm/sandforge-{}", &hex::encode(hash)[..12]))
 }
 
+/// Why sandbox networking is off.
+enum NetDown {
+    /// The config asks for something the host contradicts (a subnet that
+    /// overlaps a host route), or the database failed: the daemon refuses
+    /// to start.
+    Fatal(ServerError),
+    /// The host cannot do it (no `nft` or `ip`, no permission, no
+    /// nf_tables): a degraded mode, logged; creates asking for a network
+    /// get 400 `network_unavailable`.
+    Unavailable(String),
+}
+
 /// Sandbox networking: the host side brought to what the database says is
-/// live (links, nftables, resolvers), or why it is unavailable.
+/// live (links, nftables, resolvers), or why it is off. `cfg` is
+/// validated already.
 async fn network(
     cfg: &Config,
     db: &db::Db,
-) -> Result<Arc<sandforge_runtime::network::Network>, String> {
-    use sandforge_runtime::network::{dns, NetConfig, Network};
+) -> Result<Arc<sandforge_runtime::network::Network>, NetDown> {
+    use sandforge_runtime::network::{dns, links, NetConfig, Network};
+    use sandforge_runtime::RuntimeError;
+    if let Ok(v) = std::env::var("SANDFORGE_NETWORK_UNAVAILABLE") {
+        // For tests and operators: run as if the host had no networking.
+        return Err(NetDown::Unavailable(format!(
+            "SANDFORGE_NETWORK_UNAVAILABLE={v}"
+        )));
+    }
     let subnet = sandforge_api::Cidr::parse(&cfg.network_subnet)
-        .ok_or_else(|| format!("network_subnet '{}' is not a CIDR", cfg.network_subnet))?;
-    let dns_upstream = match &cfg.dns_upstream {
-        Some(u) => Some(
-            u.parse::<std::net::SocketAddr>()
-                .or_else(|_| u.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
-                .map_err(|_| format!("dns_upstream '{u}' is not an address"))?,
-        ),
+        .ok_or_else(|| NetDown::Fatal(ServerError::Config("network_subnet: not a CIDR".into())))?;
+    match links::overlapping_route(&subnet, &cfg.network_prefix).await {
+        Ok(()) => {}
+        Err(RuntimeError::Setup(m)) => {
+            return Err(NetDown::Fatal(ServerError::Config(format!(
+                "network_subnet: {m}"
+            ))))
+        }
+        Err(e) => return Err(NetDown::Unavailable(e.to_string())),
+    }
+    let dns_upstream = match cfg.dns_upstream_addr().map_err(NetDown::Fatal)? {
+        Some(a) => Some(a),
         None => dns::upstream_from_resolv_conf(
             &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
         ),
@@ -269,7 +294,10 @@ async fn network(
             .map(|(k, v)| (k.trim_end_matches('.').to_ascii_lowercase(), *v))
             .collect(),
     };
-    let rows = db.list_sandboxes(None).map_err(|e| e.to_string())?;
+    net_cfg
+        .validate()
+        .map_err(|e| NetDown::Fatal(ServerError::Config(e.to_string())))?;
+    let rows = db.list_sandboxes(None).map_err(NetDown::Fatal)?;
     let live = rows
         .iter()
         .filter(|r| r.status != sandforge_api::SandboxStatus::Destroyed)
@@ -285,7 +313,7 @@ async fn network(
     Network::start(net_cfg, live)
         .await
         .map(Arc::new)
-        .map_err(|e| e.to_string())
+        .map_err(|e| NetDown::Unavailable(e.to_string()))
 }
 
 /// Build everything, reconcile with what is running, and serve until SIGINT
@@ -358,16 +386,17 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServerError> {
         );
     }
 
-    let listener = tokio::net::TcpListener::bind(&cfg.listen)
-        .await
-        .map_err(|e| ServerError::Startup(format!("listen on {}: {e}", cfg.listen)))?;
     let net = match network(&cfg, &db).await {
         Ok(n) => Some(n),
-        Err(reason) => {
-            tracing::warn!("sandbox networking unavailable (creates get network 'offline' unless they ask for 'nat'): {reason}");
+        Err(NetDown::Fatal(e)) => return Err(e),
+        Err(NetDown::Unavailable(reason)) => {
+            tracing::warn!("sandbox networking unavailable: sandboxes are offline, and a create or PATCH asking for 'nat', 'egress' or 'network_policy' gets 400 network_unavailable: {reason}");
             None
         }
     };
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|e| ServerError::Startup(format!("listen: {}: {e}", cfg.listen)))?;
     let controller = Arc::new(Controller::new(cfg.clone(), db, backends, accel, net));
     controller
         .reconcile()
@@ -378,7 +407,9 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServerError> {
 
     let publish_listener = tokio::net::TcpListener::bind(&cfg.publish_listen)
         .await
-        .map_err(|e| ServerError::Startup(format!("listen on {}: {e}", cfg.publish_listen)))?;
+        .map_err(|e| {
+            ServerError::Startup(format!("publish_listen: {}: {e}", cfg.publish_listen))
+        })?;
     let published = routes::publish_router(AppState {
         controller: controller.clone(),
     });

@@ -2,7 +2,9 @@
 //! policy a create gets, the /30 slot a networked sandbox holds (recorded
 //! in its stored spec, so a restart finds the same addresses), attaching
 //! and detaching it around the backend's start and destroy, and `PATCH`ing
-//! the policy of a running sandbox. The host side (links, nftables, DNS)
+//! the policy of a running sandbox, and refusing (400
+//! `network_unavailable`, naming the field) a create or `PATCH` that asks
+//! for a network when the daemon runs without one. The host side (links, nftables, DNS)
 //! is `sandforge_runtime::network`; this module must not touch it directly.
 
 use http::StatusCode;
@@ -16,18 +18,32 @@ use crate::db::{Admission, Refused, SandboxRow};
 use crate::error::ApiError;
 
 impl Controller {
-    /// The network mode and policy of a new sandbox.
+    /// The network mode and policy of a new sandbox. `egress_field` is the
+    /// spelling the request used for the policy (`egress` or
+    /// `network_policy`). A policy without a `network` implies `nat`.
+    /// Without host networking, asking for `nat` or a policy is a 400
+    /// naming the field, never an offline sandbox.
     pub(crate) fn net_choice(
         &self,
         v: &ValidCreate,
+        egress_field: &str,
     ) -> Result<(Network, Option<Egress>), ApiError> {
-        let mode = v.network.unwrap_or(self.default_network());
+        if self.network.is_none() {
+            if v.network == Some(Network::Nat) {
+                return Err(ApiError::network_unavailable("network"));
+            }
+            if v.egress.is_some() {
+                return Err(ApiError::network_unavailable(egress_field));
+            }
+        }
+        let mode = match (v.network, &v.egress) {
+            (Some(m), _) => m,
+            (None, Some(_)) => Network::Nat,
+            (None, None) => self.default_network(),
+        };
         match mode {
             Network::Offline => Ok((mode, None)),
-            Network::Nat if self.network.is_none() => Err(ApiError::bad_request(
-                "network",
-                "'nat' is not available on this host (see the supervisor's log)",
-            )),
+            Network::Nat if self.network.is_none() => Err(ApiError::network_unavailable("network")),
             Network::Nat => Ok((mode, Some(v.egress.clone().unwrap_or_default()))),
         }
     }
@@ -46,7 +62,7 @@ impl Controller {
     pub(crate) fn admit(&self, row: &mut SandboxRow) -> Result<(), ApiError> {
         let slots = match (&self.network, row.spec.network) {
             (Some(net), Network::Nat) => Some(net.config().slots()),
-            (None, Network::Nat) => return Err(ApiError::internal("no network")),
+            (None, Network::Nat) => return Err(ApiError::network_unavailable("network")),
             _ => None,
         };
         let adm = Admission {
@@ -100,6 +116,7 @@ impl Controller {
     /// `PATCH /v1/sandboxes/{id}`: `keep_hot`, and a new egress policy, in
     /// force at once.
     pub async fn patch(&self, org: &str, id: &str, req: PatchSandbox) -> Result<Sandbox, ApiError> {
+        let field = egress_field(req.network_policy.is_some());
         let egress = chosen_egress(req.egress, req.network_policy)?;
         // Read, change and write the spec under the sandbox's op lock: a
         // concurrent keepalive, PATCH or lifecycle step cannot interleave
@@ -107,21 +124,27 @@ impl Controller {
         let lock = self.op_lock(id);
         let _guard = lock.lock().await;
         let row = self.get(org, id)?;
+        // Everything checked before anything changes.
         if row.status == SandboxStatus::Destroyed {
             return Err(crate::controller::not_running(&row));
+        }
+        if egress.is_some() {
+            if row.spec.network != Network::Nat {
+                return Err(ApiError::conflict(
+                    "no_network",
+                    format!("sandbox '{id}' is offline: it has no egress to filter"),
+                )
+                .field(field));
+            }
+            if self.network.is_none() {
+                return Err(ApiError::network_unavailable(field));
+            }
         }
         let mut spec = row.spec.clone();
         if let Some(k) = req.keep_hot {
             spec.lifecycle.keep_hot = k;
         }
         if let Some(egress) = egress {
-            if row.spec.network != Network::Nat {
-                return Err(ApiError::conflict(
-                    "no_network",
-                    format!("sandbox '{id}' is offline: it has no egress to filter"),
-                )
-                .field("egress"));
-            }
             if let Some(net) = &self.network {
                 net.update(id, &egress)
                     .await
@@ -133,6 +156,16 @@ impl Controller {
             self.db.set_spec(id, &spec)?;
         }
         Ok(self.to_api(&self.get(org, id)?))
+    }
+}
+
+/// The name a request gave its egress policy: seed 003's `network_policy`
+/// when it used that spelling, else `egress`.
+pub(crate) fn egress_field(network_policy: bool) -> &'static str {
+    if network_policy {
+        "network_policy"
+    } else {
+        "egress"
     }
 }
 

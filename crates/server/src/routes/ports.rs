@@ -2,7 +2,8 @@
 //! `GET /ports`, `ANY /sandboxes/{id}/proxy/{port}/{*path}`,
 //! `POST/GET /sandboxes/{id}/publish`, `DELETE .../publish/{port}`, and the
 //! publish listener's one handler (routing by `Host`, no auth). Thin: the
-//! controller decides, `proxy` forwards.
+//! controller decides, `proxy` forwards (and confines answers on the API
+//! origin, see [`crate::proxy::Origin`]).
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -14,7 +15,7 @@ use serde::Serialize;
 use crate::auth::{caller_of_request, Caller};
 use crate::error::ApiError;
 use crate::json::ApiJson;
-use crate::proxy;
+use crate::proxy::{self, Origin};
 use crate::publish::{PublishRequest, Published};
 use crate::AppState;
 
@@ -94,11 +95,7 @@ pub async fn proxy(
             .unwrap_or_default()
     };
     let (id, port, path) = (get("id"), parse_port(&get("port"))?, get("path"));
-    let token = req.uri().query().and_then(|q| {
-        q.split('&')
-            .find_map(|kv| kv.strip_prefix("token="))
-            .map(str::to_string)
-    });
+    let token = proxy::query_token(req.uri().query()).map(str::to_string);
     let (parts, body) = req.into_parts();
     let caller = caller_of_request(&st, &parts, token.as_deref())?;
     // Busy from before the wake until the response (or the upgraded
@@ -107,11 +104,15 @@ pub async fn proxy(
     let busy = st.controller.busy(&id);
     let agent = st.controller.agent(&caller.org, &id).await?;
     let target = proxy::target(&path, parts.uri.query());
+    let origin = Origin::Api {
+        token_in_url: token.is_some(),
+    };
     proxy::forward(
         &agent,
         port,
         Request::from_parts(parts, body),
         &target,
+        origin,
         busy,
     )
     .await
@@ -164,7 +165,7 @@ pub async fn published(State(st): State<AppState>, req: Request<Body>) -> Respon
             .uri()
             .path_and_query()
             .map_or("/".to_string(), |pq| pq.as_str().to_string());
-        proxy::forward(&agent, rule.port, req, &target, busy).await
+        proxy::forward(&agent, rule.port, req, &target, Origin::Published, busy).await
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
