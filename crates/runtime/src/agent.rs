@@ -6,6 +6,15 @@
 //! Owns: connecting, the readiness wait, and typed helpers for the routes.
 //! It must not interpret results for the API: the server maps agent answers
 //! to HTTP responses.
+//!
+//! The agent is untrusted (a sandbox's root can replace it), so nothing it
+//! sends is waited for or buffered without bound: the connect and HTTP/2
+//! handshake get [`HANDSHAKE_TIMEOUT`], a non-streaming call (request and
+//! whole answer) [`CALL_TIMEOUT`], a streaming call's answer head
+//! [`HEAD_TIMEOUT`], and every answer body read whole is cut off at
+//! [`MAX_ANSWER`] ([`MAX_ERROR_ANSWER`] for error answers). Streams (exec
+//! output, terminals, tunnels, file bodies) run as long as they run, but
+//! are read only as fast as their consumer takes them (HTTP/2 flow control).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,6 +33,18 @@ use tokio::net::UnixStream;
 use tokio::sync::Mutex;
 
 use crate::error::{Result, RuntimeError};
+
+/// Connecting to the agent's socket, the SYNC/ACK exchange and the HTTP/2
+/// handshake together.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// A non-streaming call: sending the request and reading the whole answer.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// A streaming call (exec, attach, tunnel, files): until the answer's head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest answer body read whole (JSON answers: info, sessions, ports).
+pub const MAX_ANSWER: usize = 8 << 20;
+/// The largest error answer body read (its JSON `{code, message}`).
+pub const MAX_ERROR_ANSWER: usize = 64 << 10;
 
 /// Boxed error of a streamed request body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -88,6 +109,17 @@ impl AgentClient {
     }
 
     async fn connect(&self) -> Result<SendRequest<ReqBody>> {
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, self.connect_inner())
+            .await
+            .map_err(|_| {
+                RuntimeError::AgentUnavailable(format!(
+                    "{}: no HTTP/2 connection within {HANDSHAKE_TIMEOUT:?}",
+                    self.inner.socket.display()
+                ))
+            })?
+    }
+
+    async fn connect_inner(&self) -> Result<SendRequest<ReqBody>> {
         let open = || async {
             crate::sock::connect(&self.inner.socket).await.map_err(|e| {
                 RuntimeError::AgentUnavailable(format!("{}: {e}", self.inner.socket.display()))
@@ -153,8 +185,38 @@ impl AgentClient {
     }
 
     /// Send one request over the shared connection, reconnecting once if the
-    /// cached connection turns out to be dead before the request was sent.
+    /// cached connection turns out to be dead before the request was sent;
+    /// fails with [`RuntimeError::AgentTimeout`] when the answer's head has
+    /// not come within [`HEAD_TIMEOUT`].
     pub async fn request(&self, req: Request<ReqBody>) -> Result<Response<Incoming>> {
+        tokio::time::timeout(HEAD_TIMEOUT, self.request_unbounded(req))
+            .await
+            .map_err(|_| RuntimeError::AgentTimeout(HEAD_TIMEOUT))?
+    }
+
+    /// A non-streaming call: the request and its whole answer body (at most
+    /// `max` bytes) within [`CALL_TIMEOUT`]. Returns the status and body.
+    pub(crate) async fn call(
+        &self,
+        req: Request<ReqBody>,
+        max: usize,
+    ) -> Result<(StatusCode, Bytes)> {
+        let exchange = async {
+            let resp = self.request_unbounded(req).await?;
+            let status = resp.status();
+            let limit = if status.is_success() {
+                max
+            } else {
+                MAX_ERROR_ANSWER
+            };
+            Ok((status, read_answer(resp, limit).await?))
+        };
+        tokio::time::timeout(CALL_TIMEOUT, exchange)
+            .await
+            .map_err(|_| RuntimeError::AgentTimeout(CALL_TIMEOUT))?
+    }
+
+    async fn request_unbounded(&self, req: Request<ReqBody>) -> Result<Response<Incoming>> {
         let mut sender = self.sender().await?;
         if sender.ready().await.is_err() {
             self.reset().await;
@@ -173,9 +235,7 @@ impl AgentClient {
     /// `GET /v1/info`, checking the protocol version.
     pub async fn info(&self) -> Result<AgentInfo> {
         let req = build(Method::GET, routes::INFO, empty_body())?;
-        let resp = self.request(req).await?;
-        let status = resp.status();
-        let body = collect(resp).await?;
+        let (status, body) = self.call(req, MAX_ERROR_ANSWER).await?;
         if status != StatusCode::OK {
             return Err(RuntimeError::AgentProtocol(format!(
                 "info answered {status}"
@@ -220,7 +280,9 @@ impl AgentClient {
             .await?;
         if resp.status() != StatusCode::OK {
             let status = resp.status();
-            let body = collect(resp).await.unwrap_or_default();
+            let body = read_answer(resp, MAX_ERROR_ANSWER)
+                .await
+                .unwrap_or_default();
             return Err(RuntimeError::AgentProtocol(format!(
                 "exec answered {status}: {}",
                 String::from_utf8_lossy(&body)
@@ -234,7 +296,10 @@ impl AgentClient {
     }
 
     /// A files request (`GET`, `HEAD`, `PUT`), returned as the agent answered
-    /// it: the caller maps statuses and streams bodies.
+    /// it: the caller maps statuses and streams bodies (an error body with
+    /// [`read_answer`]). A `PUT` streams its upload first, as slowly as the
+    /// client sends it, so only `GET` and `HEAD` wait at most
+    /// [`HEAD_TIMEOUT`] for the head.
     pub async fn files(
         &self,
         method: Method,
@@ -242,8 +307,13 @@ impl AgentClient {
         body: Option<ReqBody>,
     ) -> Result<Response<Incoming>> {
         let uri = format!("{}?{}", routes::FILES, encode_query(q));
+        let upload = method == Method::PUT;
         let req = build(method, &uri, body.unwrap_or_else(empty_body))?;
-        self.request(req).await
+        if upload {
+            self.request_unbounded(req).await
+        } else {
+            self.request(req).await
+        }
     }
 }
 
@@ -319,12 +389,22 @@ pub(crate) fn build(method: Method, uri: &str, body: ReqBody) -> Result<Request<
         .map_err(|e| RuntimeError::AgentProtocol(e.to_string()))
 }
 
-pub(crate) async fn collect(resp: Response<Incoming>) -> Result<Bytes> {
-    resp.into_body()
+/// Read an answer's whole body, at most `max` bytes: a longer one is an
+/// [`RuntimeError::AgentProtocol`] error, and nothing past `max` is kept.
+/// No timeout of its own: callers bound it ([`AgentClient::call`], or the
+/// client whose request this serves).
+pub async fn read_answer(resp: Response<Incoming>, max: usize) -> Result<Bytes> {
+    http_body_util::Limited::new(resp.into_body(), max)
         .collect()
         .await
         .map(|c| c.to_bytes())
-        .map_err(|e| RuntimeError::AgentUnavailable(format!("reading response: {e}")))
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                RuntimeError::AgentProtocol(format!("agent answer longer than {max} bytes"))
+            } else {
+                RuntimeError::AgentUnavailable(format!("reading response: {e}"))
+            }
+        })
 }
 
 fn encode_query(q: &FileQuery) -> String {
