@@ -93,6 +93,10 @@ pub struct Config {
     /// opening or its previous response (so also the keep-alive idle
     /// timeout).
     pub header_timeout_secs: u64,
+    /// MiB all buffered exec output of the daemon may hold at once (the
+    /// text and its JSON answers until sent); beyond it a new buffered exec
+    /// gets 429 `limit` and a running one is cut (`truncated`).
+    pub exec_buffer_budget_mb: u64,
 }
 
 impl Default for Config {
@@ -134,6 +138,7 @@ impl Default for Config {
             publish_domain: "sandforge.localhost".into(),
             max_connections: 1024,
             header_timeout_secs: 15,
+            exec_buffer_budget_mb: 256,
         }
     }
 }
@@ -231,6 +236,11 @@ impl Config {
                 "header_timeout_secs: must be 1-3600".into(),
             ));
         }
+        if !(1..=1 << 20).contains(&self.exec_buffer_budget_mb) {
+            return Err(ServerError::Config(
+                "exec_buffer_budget_mb: must be between 1 and 1048576".into(),
+            ));
+        }
         use sandforge_api::limits::{MAX_DISK_MB, MIN_DISK_MB};
         if self.container_disk_mb != 0
             && !(MIN_DISK_MB..=MAX_DISK_MB).contains(&self.container_disk_mb)
@@ -302,6 +312,14 @@ mod tests {
         assert!(Config::load(Some(&f), None, None).is_err());
         std::fs::write(&f, "listen: nope\n").unwrap();
         assert!(Config::load(Some(&f), None, None).is_err());
+        std::fs::write(&f, "exec_buffer_budget_mb: 64\n").unwrap();
+        let c = Config::load(Some(&f), None, None).unwrap();
+        assert_eq!(c.exec_buffer_budget_mb, 64);
+        for bad in ["0", "-1", "lots", "1048577"] {
+            std::fs::write(&f, format!("exec_buffer_budget_mb: {bad}\n")).unwrap();
+            let e = Config::load(Some(&f), None, None).unwrap_err().to_string();
+            assert!(e.contains("exec_buffer_budget_mb"), "{e}");
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
