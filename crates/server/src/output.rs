@@ -465,6 +465,11 @@ mod tests {
         let mut first = budget.admit().unwrap();
         let _second = budget.admit().unwrap();
         assert!(budget.admit().is_none());
+        let e = budget_spent(&budget);
+        assert_eq!(
+            (e.status, e.code, e.field),
+            (StatusCode::TOO_MANY_REQUESTS, "limit", None)
+        );
         // Within the admission: kept; beyond it: cut, and stays cut.
         let small = vec![b'x'; ADMISSION / 3];
         let mut k = Kept::default();
@@ -507,10 +512,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let bytes = rt
-            .block_on(resp.into_body().collect())
-            .unwrap()
-            .to_bytes();
+        let bytes = rt.block_on(resp.into_body().collect()).unwrap().to_bytes();
         assert_eq!(bytes.len(), len);
         assert_eq!(budget.used(), 0);
     }
