@@ -3,8 +3,8 @@
 //! from, and collecting one exec's frames into its JSON answer within it.
 //!
 //! Owns the accounting. A buffered exec is admitted only while the budget
-//! has [`ADMISSION`] bytes left (429 `limit` otherwise, before the command
-//! runs); it then reserves every piece of output as it arrives, twice: the
+//! has twice [`ADMISSION`] bytes left, and takes one (429 `limit`
+//! otherwise, before the command runs); it then reserves every piece of output as it arrives, twice: the
 //! decoded text it keeps, and the exact bytes that text will take in the
 //! JSON answer. When a reservation fails (budget spent, or the answer would
 //! pass [`MAX_ANSWER_BYTES`]), that stream stops being kept (`truncated:
@@ -66,10 +66,12 @@ impl OutputBudget {
         self.used.load(Ordering::Acquire)
     }
 
-    fn take(&self, n: usize) -> bool {
+    /// Take `n` bytes if `spare` more would still be left.
+    fn take(&self, n: usize, spare: usize) -> bool {
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                u.checked_add(n).filter(|&t| t <= self.capacity)
+                u.checked_add(n)
+                    .filter(|&t| t.saturating_add(spare) <= self.capacity)
             })
             .is_ok()
     }
@@ -78,9 +80,12 @@ impl OutputBudget {
         self.used.fetch_sub(n, Ordering::AcqRel);
     }
 
-    /// Admit one buffered exec, or `None` when the budget is spent.
+    /// Admit one buffered exec, or `None` when the budget is spent: less
+    /// than two admissions' worth left. (The last is the running execs':
+    /// one cut while a short exec held its admission must not leave that
+    /// admission to be handed on from short exec to short exec.)
     pub fn admit(self: &Arc<Self>) -> Option<Reservation> {
-        self.take(ADMISSION).then(|| Reservation {
+        self.take(ADMISSION, ADMISSION).then(|| Reservation {
             budget: self.clone(),
             held: ADMISSION,
             used: 0,
@@ -106,13 +111,23 @@ impl Reservation {
             return false;
         }
         if want > self.held {
-            if !self.budget.take(want - self.held) {
+            if !self.budget.take(want - self.held, 0) {
                 return false;
             }
             self.held = want;
         }
         self.used = want;
         true
+    }
+
+    /// How many more bytes [`Reservation::take`] could account now.
+    fn room(&self) -> usize {
+        let spare = self.held - self.used;
+        let free = self
+            .budget
+            .capacity
+            .saturating_sub(self.budget.used.load(Ordering::Acquire));
+        (spare + free).min(MAX_ANSWER_BYTES.saturating_sub(self.used))
     }
 
     /// Keep `n` bytes (what the answer now holds), give back the rest.
@@ -206,6 +221,28 @@ fn escaped_len(s: &str) -> usize {
     c.0
 }
 
+/// The bytes `c` takes inside a JSON string, as serde_json escapes it.
+fn escaped_char_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\u{8}' | '\u{c}' | '\n' | '\r' | '\t' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    }
+}
+
+/// The longest prefix of `text` (a byte index on a char boundary) whose
+/// text and escaped JSON together take at most `room` bytes.
+fn fitting_prefix(text: &str, room: usize) -> usize {
+    let mut cost = 0;
+    for (i, c) in text.char_indices() {
+        cost += c.len_utf8() + escaped_char_len(c);
+        if cost > room {
+            return i;
+        }
+    }
+    text.len()
+}
+
 /// One of stdout and stderr as it is kept.
 #[derive(Default)]
 struct Kept {
@@ -236,17 +273,30 @@ impl Kept {
         !self.cut
     }
 
-    fn keep(&mut self, text: String, res: &mut Reservation) -> bool {
+    /// Keep `text` if its reservation succeeds; else keep the longest prefix
+    /// that fits (so a spent budget is spent to the byte) and say false.
+    fn keep(&mut self, mut text: String, res: &mut Reservation) -> bool {
         if text.is_empty() {
             return true;
         }
         let json = escaped_len(&text);
-        if !res.take(text.len() + json) {
-            return false;
+        if res.take(text.len() + json) {
+            self.json += json;
+            self.pieces.push(text);
+            return true;
         }
-        self.json += json;
-        self.pieces.push(text);
-        true
+        let fits = fitting_prefix(&text, res.room());
+        if fits > 0 {
+            text.truncate(fits);
+            text.shrink_to_fit();
+            let json = escaped_len(&text);
+            // Another exec may have taken the room meanwhile.
+            if res.take(text.len() + json) {
+                self.json += json;
+                self.pieces.push(text);
+            }
+        }
+        false
     }
 
     /// End of output: keep what the carry held back.
@@ -461,28 +511,46 @@ mod tests {
 
     #[test]
     fn spent_budget_refuses_and_cuts() {
-        let budget = OutputBudget::new(2 * ADMISSION);
+        let budget = OutputBudget::new(3 * ADMISSION);
         let mut first = budget.admit().unwrap();
         let _second = budget.admit().unwrap();
+        // The last admission's worth is left to running execs.
         assert!(budget.admit().is_none());
         let e = budget_spent(&budget);
         assert_eq!(
             (e.status, e.code, e.field),
             (StatusCode::TOO_MANY_REQUESTS, "limit", None)
         );
-        // Within the admission: kept; beyond it: cut, and stays cut.
-        let small = vec![b'x'; ADMISSION / 3];
+        // Within the reservation: kept; beyond the budget: what fits is kept
+        // (text and JSON, two bytes each here), then the stream is cut for
+        // good.
         let mut k = Kept::default();
-        assert!(k.push(&small, &mut first));
-        assert!(!k.push(&small, &mut first));
+        assert!(k.push(&vec![b'x'; ADMISSION / 2], &mut first));
+        assert!(!k.push(&vec![b'x'; ADMISSION], &mut first));
+        assert_eq!(budget.used(), 3 * ADMISSION);
         assert!(!k.push(b"y", &mut first));
-        assert_eq!(k.pieces.concat(), String::from_utf8(small).unwrap());
+        assert_eq!(k.pieces.concat(), "x".repeat(ADMISSION));
         let a = BufferedAnswer::build(0, false, k, Kept::default(), true, first);
         let v: serde_json::Value = serde_json::from_slice(&a.json).unwrap();
         assert_eq!(v["truncated"], true);
-        assert_eq!(v["stdout"].as_str().map(str::len), Some(ADMISSION / 3));
+        assert_eq!(v["stdout"].as_str().map(str::len), Some(ADMISSION));
         drop(a);
         assert!(budget.admit().is_some());
+    }
+
+    #[test]
+    fn prefix_cost_matches_serde() {
+        let text = "a\"\\\n\u{1}\u{7f}☃\t\u{1f}é";
+        for room in 0..40 {
+            let n = fitting_prefix(text, room);
+            let p = &text[..n];
+            assert!(p.len() + escaped_len(p) <= room, "{room}");
+            if n < text.len() {
+                let next = text[n..].chars().next().unwrap();
+                let q = &text[..n + next.len_utf8()];
+                assert!(q.len() + escaped_len(q) > room, "{room}");
+            }
+        }
     }
 
     #[test]
