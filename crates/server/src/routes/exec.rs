@@ -15,30 +15,23 @@ use sandforge_agent_proto::{ExecRequest as AgentExec, Frame};
 use sandforge_api::exec::ValidExec;
 use sandforge_api::{ExecEvent, ExecRequest, ExecuteRequest};
 use sandforge_runtime::agent::ExecStream;
+use sandforge_runtime::AgentClient;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::json::ApiJson;
-use crate::output::{self, BufferedAnswer, Reservation, Utf8Carry};
+use crate::output::{self, BufferedAnswer, Utf8Carry};
 use crate::AppState;
 
-/// Start the command: the controller's checks (404/403/409), then, for a
-/// buffered call, admission to the output budget (429 `limit`, nothing
-/// run), then the agent.
-async fn start(
+/// The controller's checks (404/403/409) and the agent request.
+async fn prepare(
     st: &AppState,
     org: &str,
     id: &str,
     v: &ValidExec,
-    buffered: bool,
-) -> Result<(ExecStream, Option<Reservation>), ApiError> {
+) -> Result<(AgentClient, AgentExec), ApiError> {
     let agent = st.controller.agent(org, id).await?;
     let row = st.controller.get(org, id)?;
-    let held = if buffered {
-        Some(st.controller.admit_buffered()?)
-    } else {
-        None
-    };
     let mut env = row.spec.env.clone();
     env.extend(v.env.clone());
     let req = AgentExec {
@@ -48,20 +41,32 @@ async fn start(
         timeout_ms: v.timeout_seconds * 1000,
         stdin: v.stdin.clone(),
     };
+    Ok((agent, req))
+}
+
+/// Start the command in the sandbox.
+async fn start(
+    st: &AppState,
+    id: &str,
+    (agent, req): (AgentClient, AgentExec),
+) -> Result<ExecStream, ApiError> {
     match agent.exec(&req).await {
-        Ok(s) => Ok((s, held)),
+        Ok(s) => Ok(s),
         Err(e) => Err(st.controller.agent_failed(id, e).await),
     }
 }
 
-/// Run a started exec to completion and answer its buffered JSON.
+/// A buffered call: admitted to the output budget (429 `limit` before
+/// anything runs), then run to completion.
 async fn buffered(
     st: &AppState,
     id: &str,
-    (stream, held): (ExecStream, Option<Reservation>),
+    prepared: (AgentClient, AgentExec),
     timeout: u64,
 ) -> Result<BufferedAnswer, ApiError> {
-    let held = held.ok_or_else(|| ApiError::internal("buffered exec without a reservation"))?;
+    let held = st.controller.admit_buffered()?;
+    let stream = start(st, id, prepared).await?;
+    let _busy = st.controller.busy(id);
     output::collect(&st.controller, id, stream, timeout, held).await
 }
 
@@ -72,9 +77,8 @@ pub async fn execute(
     ApiJson(req): ApiJson<ExecuteRequest>,
 ) -> Result<BufferedAnswer, ApiError> {
     let v = req.validate()?;
-    let started = start(&st, &caller.org, &id, &v, true).await?;
-    let _busy = st.controller.busy(&id);
-    buffered(&st, &id, started, v.timeout_seconds).await
+    let prepared = prepare(&st, &caller.org, &id, &v).await?;
+    buffered(&st, &id, prepared, v.timeout_seconds).await
 }
 
 pub async fn exec(
@@ -89,12 +93,13 @@ pub async fn exec(
         .get(header::ACCEPT)
         .and_then(|a| a.to_str().ok())
         .is_some_and(|a| a.contains("application/x-ndjson"));
-    let (stream, held) = start(&st, &caller.org, &id, &v, !ndjson).await?;
-    let busy = st.controller.busy(&id);
+    let prepared = prepare(&st, &caller.org, &id, &v).await?;
     if !ndjson {
-        let answer = buffered(&st, &id, (stream, held), v.timeout_seconds).await?;
+        let answer = buffered(&st, &id, prepared, v.timeout_seconds).await?;
         return Ok(answer.into_response());
     }
+    let stream = start(&st, &id, prepared).await?;
+    let busy = st.controller.busy(&id);
     let body = Body::from_stream(ndjson_lines(stream, busy));
     Ok((
         [
