@@ -67,8 +67,23 @@ pub struct AgentClient {
     inner: Arc<Inner>,
 }
 
+/// How long an agent gets (the constants above; shorter in tests).
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    handshake: Duration,
+    call: Duration,
+    head: Duration,
+}
+
+const TIMEOUTS: Timeouts = Timeouts {
+    handshake: HANDSHAKE_TIMEOUT,
+    call: CALL_TIMEOUT,
+    head: HEAD_TIMEOUT,
+};
+
 struct Inner {
     socket: PathBuf,
+    timeouts: Timeouts,
     /// Serial-port transport: resynchronise before every HTTP/2 handshake.
     sync: bool,
     conn: Mutex<Option<SendRequest<ReqBody>>>,
@@ -98,6 +113,7 @@ impl AgentClient {
         Self {
             inner: Arc::new(Inner {
                 socket,
+                timeouts: TIMEOUTS,
                 sync,
                 conn: Mutex::new(None),
             }),
@@ -109,11 +125,12 @@ impl AgentClient {
     }
 
     async fn connect(&self) -> Result<SendRequest<ReqBody>> {
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, self.connect_inner())
+        let limit = self.inner.timeouts.handshake;
+        tokio::time::timeout(limit, self.connect_inner())
             .await
             .map_err(|_| {
                 RuntimeError::AgentUnavailable(format!(
-                    "{}: no HTTP/2 connection within {HANDSHAKE_TIMEOUT:?}",
+                    "{}: no HTTP/2 connection within {limit:?}",
                     self.inner.socket.display()
                 ))
             })?
@@ -189,9 +206,10 @@ impl AgentClient {
     /// fails with [`RuntimeError::AgentTimeout`] when the answer's head has
     /// not come within [`HEAD_TIMEOUT`].
     pub async fn request(&self, req: Request<ReqBody>) -> Result<Response<Incoming>> {
-        tokio::time::timeout(HEAD_TIMEOUT, self.request_unbounded(req))
+        let limit = self.inner.timeouts.head;
+        tokio::time::timeout(limit, self.request_unbounded(req))
             .await
-            .map_err(|_| RuntimeError::AgentTimeout(HEAD_TIMEOUT))?
+            .map_err(|_| RuntimeError::AgentTimeout(limit))?
     }
 
     /// A non-streaming call: the request and its whole answer body (at most
@@ -211,9 +229,10 @@ impl AgentClient {
             };
             Ok((status, read_answer(resp, limit).await?))
         };
-        tokio::time::timeout(CALL_TIMEOUT, exchange)
+        let limit = self.inner.timeouts.call;
+        tokio::time::timeout(limit, exchange)
             .await
-            .map_err(|_| RuntimeError::AgentTimeout(CALL_TIMEOUT))?
+            .map_err(|_| RuntimeError::AgentTimeout(limit))?
     }
 
     async fn request_unbounded(&self, req: Request<ReqBody>) -> Result<Response<Incoming>> {
@@ -506,6 +525,114 @@ impl ExecStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client with short timeouts for an agent at `socket`.
+    fn impatient(socket: &Path) -> AgentClient {
+        let inner = Inner {
+            socket: socket.to_path_buf(),
+            timeouts: Timeouts {
+                handshake: Duration::from_millis(500),
+                call: Duration::from_millis(500),
+                head: Duration::from_millis(500),
+            },
+            sync: false,
+            conn: Mutex::new(None),
+        };
+        AgentClient {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// A hostile agent: every request is answered by `answer` over HTTP/2.
+    async fn agent<F, Fut>(dir: &Path, answer: F) -> PathBuf
+    where
+        F: Fn() -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    {
+        let path = dir.join("agent.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        let answer = answer.clone();
+                        async move { Ok::<_, std::convert::Infallible>(answer().await) }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        path
+    }
+
+    #[tokio::test]
+    async fn an_oversized_answer_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = agent(dir.path(), || async {
+            Response::new(Full::new(Bytes::from(vec![b' '; MAX_ANSWER + 1])))
+        })
+        .await;
+        let c = impatient(&sock);
+        match c.sessions().await {
+            Err(RuntimeError::AgentProtocol(m)) => assert!(m.contains("longer than"), "{m}"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        match c.info().await {
+            Err(RuntimeError::AgentProtocol(m)) => assert!(m.contains("longer than"), "{m}"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_never_answers_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        // Takes every request and never answers it.
+        let sock = agent(dir.path(), || async {
+            std::future::pending::<()>().await;
+            Response::new(Full::new(Bytes::new()))
+        })
+        .await;
+        let c = impatient(&sock);
+        let started = Instant::now();
+        assert!(matches!(c.info().await, Err(RuntimeError::AgentTimeout(_))));
+        assert!(matches!(
+            c.ports().await,
+            Err(RuntimeError::AgentTimeout(_))
+        ));
+        let req = ExecRequest {
+            argv: vec!["true".into()],
+            env: Default::default(),
+            cwd: None,
+            timeout_ms: 1000,
+            stdin: None,
+        };
+        assert!(matches!(
+            c.exec(&req).await,
+            Err(RuntimeError::AgentTimeout(_))
+        ));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_times_out() {
+        // Accepts the connection and never says a word, HTTP/2 or other.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let _held = tokio::spawn(async move {
+            let mut held = vec![];
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let c = impatient(&path);
+        let started = Instant::now();
+        assert!(c.info().await.is_err());
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
 
     #[test]
     fn query_encoding() {
