@@ -4,7 +4,8 @@
 //! resident memory (VmHWM) stays within a bound derived from the budget,
 //! and every call still gets a well-formed answer: 200 (its output
 //! `truncated` when the budget ran out) or 429 `limit`, refused before the
-//! command ran.
+//! command ran (and, once the budget is spent, a new call is refused
+//! before its command runs).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -111,6 +112,71 @@ async fn buffered_execs_stay_within_the_output_budget() {
             bound_kb / 1024
         ),
     );
+    a.finish();
+    d.destroy(&id).await;
+}
+
+/// A spent budget refuses a buffered exec before its command runs: two
+/// execs that print far more than the budget and then sleep hold all of it,
+/// and a third, whose command would leave a file behind, gets 429 `limit`
+/// and leaves nothing.
+#[tokio::test]
+async fn a_spent_budget_refuses_execs_before_they_run() {
+    let d = Daemon::start_with_config(&[], "exec_buffer_budget_mb: 16").await;
+    let mut a = Attempts::new("buffered exec over a spent budget");
+    let id = d.create_id(json!({"network": "offline"})).await;
+    d.sh_ok(&id, "true").await;
+    let mut fillers = vec![];
+    for _ in 0..2 {
+        let (url, id) = (d.url.clone(), id.clone());
+        fillers.push(tokio::spawn(async move {
+            let resp = reqwest::Client::new()
+                .post(format!("{url}/v1/sandboxes/{id}/execute"))
+                .bearer_auth(TOKEN)
+                .json(&json!({
+                    "command": "head -c 12M /dev/zero | base64 -w 0; sleep 30",
+                    "timeout_seconds": 120
+                }))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        }));
+    }
+    // Wait until the fillers hold the budget: a harmless exec is refused.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut spent = false;
+    while !spent && tokio::time::Instant::now() < deadline {
+        let (s, v) = d.execute(&id, json!({"command": "true"})).await;
+        spent = s == StatusCode::TOO_MANY_REQUESTS;
+        if !spent {
+            assert_eq!(s, StatusCode::OK, "probe: {v}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    a.record(spent, "the fillers never spent the budget");
+    let (s, v) = d
+        .execute(&id, json!({"command": "echo ran > /tmp/refused-exec-ran"}))
+        .await;
+    a.record(
+        s == StatusCode::TOO_MANY_REQUESTS
+            && v["error"]["code"] == "limit"
+            && v["error"]["field"].is_null(),
+        format!("an exec over the spent budget answered {s}: {v}"),
+    );
+    for f in fillers {
+        let (s, v) = f.await.unwrap();
+        a.record(
+            s == StatusCode::OK && v["exit_code"] == 0 && v["truncated"] == true,
+            format!("a filler answered {s}: {v:.200}"),
+        );
+    }
+    // The budget is free again; the refused command never ran.
+    let ran = d
+        .sh_ok(&id, "test -e /tmp/refused-exec-ran && echo ran || echo no")
+        .await;
+    a.record(ran.trim() == "no", "the refused exec's command ran");
     a.finish();
     d.destroy(&id).await;
 }

@@ -6,6 +6,15 @@
 //! Owns: connecting, the readiness wait, and typed helpers for the routes.
 //! It must not interpret results for the API: the server maps agent answers
 //! to HTTP responses.
+//!
+//! The agent is untrusted (a sandbox's root can replace it), so nothing it
+//! sends is waited for or buffered without bound: the connect and HTTP/2
+//! handshake get [`HANDSHAKE_TIMEOUT`], a non-streaming call (request and
+//! whole answer) [`CALL_TIMEOUT`], a streaming call's answer head
+//! [`HEAD_TIMEOUT`], and every answer body read whole is cut off at
+//! [`MAX_ANSWER`] ([`MAX_ERROR_ANSWER`] for error answers). Streams (exec
+//! output, terminals, tunnels, file bodies) run as long as they run, but
+//! are read only as fast as their consumer takes them (HTTP/2 flow control).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,6 +33,18 @@ use tokio::net::UnixStream;
 use tokio::sync::Mutex;
 
 use crate::error::{Result, RuntimeError};
+
+/// Connecting to the agent's socket, the SYNC/ACK exchange and the HTTP/2
+/// handshake together.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// A non-streaming call: sending the request and reading the whole answer.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// A streaming call (exec, attach, tunnel, files): until the answer's head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest answer body read whole (JSON answers: info, sessions, ports).
+pub const MAX_ANSWER: usize = 8 << 20;
+/// The largest error answer body read (its JSON `{code, message}`).
+pub const MAX_ERROR_ANSWER: usize = 64 << 10;
 
 /// Boxed error of a streamed request body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -46,8 +67,23 @@ pub struct AgentClient {
     inner: Arc<Inner>,
 }
 
+/// How long an agent gets (the constants above; shorter in tests).
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    handshake: Duration,
+    call: Duration,
+    head: Duration,
+}
+
+const TIMEOUTS: Timeouts = Timeouts {
+    handshake: HANDSHAKE_TIMEOUT,
+    call: CALL_TIMEOUT,
+    head: HEAD_TIMEOUT,
+};
+
 struct Inner {
     socket: PathBuf,
+    timeouts: Timeouts,
     /// Serial-port transport: resynchronise before every HTTP/2 handshake.
     sync: bool,
     conn: Mutex<Option<SendRequest<ReqBody>>>,
@@ -77,6 +113,7 @@ impl AgentClient {
         Self {
             inner: Arc::new(Inner {
                 socket,
+                timeouts: TIMEOUTS,
                 sync,
                 conn: Mutex::new(None),
             }),
@@ -88,6 +125,18 @@ impl AgentClient {
     }
 
     async fn connect(&self) -> Result<SendRequest<ReqBody>> {
+        let limit = self.inner.timeouts.handshake;
+        tokio::time::timeout(limit, self.connect_inner())
+            .await
+            .map_err(|_| {
+                RuntimeError::AgentUnavailable(format!(
+                    "{}: no HTTP/2 connection within {limit:?}",
+                    self.inner.socket.display()
+                ))
+            })?
+    }
+
+    async fn connect_inner(&self) -> Result<SendRequest<ReqBody>> {
         let open = || async {
             crate::sock::connect(&self.inner.socket).await.map_err(|e| {
                 RuntimeError::AgentUnavailable(format!("{}: {e}", self.inner.socket.display()))
@@ -153,8 +202,40 @@ impl AgentClient {
     }
 
     /// Send one request over the shared connection, reconnecting once if the
-    /// cached connection turns out to be dead before the request was sent.
+    /// cached connection turns out to be dead before the request was sent;
+    /// fails with [`RuntimeError::AgentTimeout`] when the answer's head has
+    /// not come within [`HEAD_TIMEOUT`].
     pub async fn request(&self, req: Request<ReqBody>) -> Result<Response<Incoming>> {
+        let limit = self.inner.timeouts.head;
+        tokio::time::timeout(limit, self.request_unbounded(req))
+            .await
+            .map_err(|_| RuntimeError::AgentTimeout(limit))?
+    }
+
+    /// A non-streaming call: the request and its whole answer body (at most
+    /// `max` bytes) within [`CALL_TIMEOUT`]. Returns the status and body.
+    pub(crate) async fn call(
+        &self,
+        req: Request<ReqBody>,
+        max: usize,
+    ) -> Result<(StatusCode, Bytes)> {
+        let exchange = async {
+            let resp = self.request_unbounded(req).await?;
+            let status = resp.status();
+            let limit = if status.is_success() {
+                max
+            } else {
+                MAX_ERROR_ANSWER
+            };
+            Ok((status, read_answer(resp, limit).await?))
+        };
+        let limit = self.inner.timeouts.call;
+        tokio::time::timeout(limit, exchange)
+            .await
+            .map_err(|_| RuntimeError::AgentTimeout(limit))?
+    }
+
+    async fn request_unbounded(&self, req: Request<ReqBody>) -> Result<Response<Incoming>> {
         let mut sender = self.sender().await?;
         if sender.ready().await.is_err() {
             self.reset().await;
@@ -173,9 +254,7 @@ impl AgentClient {
     /// `GET /v1/info`, checking the protocol version.
     pub async fn info(&self) -> Result<AgentInfo> {
         let req = build(Method::GET, routes::INFO, empty_body())?;
-        let resp = self.request(req).await?;
-        let status = resp.status();
-        let body = collect(resp).await?;
+        let (status, body) = self.call(req, MAX_ERROR_ANSWER).await?;
         if status != StatusCode::OK {
             return Err(RuntimeError::AgentProtocol(format!(
                 "info answered {status}"
@@ -220,7 +299,9 @@ impl AgentClient {
             .await?;
         if resp.status() != StatusCode::OK {
             let status = resp.status();
-            let body = collect(resp).await.unwrap_or_default();
+            let body = read_answer(resp, MAX_ERROR_ANSWER)
+                .await
+                .unwrap_or_default();
             return Err(RuntimeError::AgentProtocol(format!(
                 "exec answered {status}: {}",
                 String::from_utf8_lossy(&body)
@@ -234,7 +315,10 @@ impl AgentClient {
     }
 
     /// A files request (`GET`, `HEAD`, `PUT`), returned as the agent answered
-    /// it: the caller maps statuses and streams bodies.
+    /// it: the caller maps statuses and streams bodies (an error body with
+    /// [`read_answer`]). A `PUT` streams its upload first, as slowly as the
+    /// client sends it, so only `GET` and `HEAD` wait at most
+    /// [`HEAD_TIMEOUT`] for the head.
     pub async fn files(
         &self,
         method: Method,
@@ -242,8 +326,13 @@ impl AgentClient {
         body: Option<ReqBody>,
     ) -> Result<Response<Incoming>> {
         let uri = format!("{}?{}", routes::FILES, encode_query(q));
+        let upload = method == Method::PUT;
         let req = build(method, &uri, body.unwrap_or_else(empty_body))?;
-        self.request(req).await
+        if upload {
+            self.request_unbounded(req).await
+        } else {
+            self.request(req).await
+        }
     }
 }
 
@@ -319,12 +408,22 @@ pub(crate) fn build(method: Method, uri: &str, body: ReqBody) -> Result<Request<
         .map_err(|e| RuntimeError::AgentProtocol(e.to_string()))
 }
 
-pub(crate) async fn collect(resp: Response<Incoming>) -> Result<Bytes> {
-    resp.into_body()
+/// Read an answer's whole body, at most `max` bytes: a longer one is an
+/// [`RuntimeError::AgentProtocol`] error, and nothing past `max` is kept.
+/// No timeout of its own: callers bound it ([`AgentClient::call`], or the
+/// client whose request this serves).
+pub async fn read_answer(resp: Response<Incoming>, max: usize) -> Result<Bytes> {
+    http_body_util::Limited::new(resp.into_body(), max)
         .collect()
         .await
         .map(|c| c.to_bytes())
-        .map_err(|e| RuntimeError::AgentUnavailable(format!("reading response: {e}")))
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                RuntimeError::AgentProtocol(format!("agent answer longer than {max} bytes"))
+            } else {
+                RuntimeError::AgentUnavailable(format!("reading response: {e}"))
+            }
+        })
 }
 
 fn encode_query(q: &FileQuery) -> String {
@@ -426,6 +525,114 @@ impl ExecStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client with short timeouts for an agent at `socket`.
+    fn impatient(socket: &Path) -> AgentClient {
+        let inner = Inner {
+            socket: socket.to_path_buf(),
+            timeouts: Timeouts {
+                handshake: Duration::from_millis(500),
+                call: Duration::from_millis(500),
+                head: Duration::from_millis(500),
+            },
+            sync: false,
+            conn: Mutex::new(None),
+        };
+        AgentClient {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// A hostile agent: every request is answered by `answer` over HTTP/2.
+    async fn agent<F, Fut>(dir: &Path, answer: F) -> PathBuf
+    where
+        F: Fn() -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    {
+        let path = dir.join("agent.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        let answer = answer.clone();
+                        async move { Ok::<_, std::convert::Infallible>(answer().await) }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        path
+    }
+
+    #[tokio::test]
+    async fn an_oversized_answer_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = agent(dir.path(), || async {
+            Response::new(Full::new(Bytes::from(vec![b' '; MAX_ANSWER + 1])))
+        })
+        .await;
+        let c = impatient(&sock);
+        match c.sessions().await {
+            Err(RuntimeError::AgentProtocol(m)) => assert!(m.contains("longer than"), "{m}"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        match c.info().await {
+            Err(RuntimeError::AgentProtocol(m)) => assert!(m.contains("longer than"), "{m}"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_never_answers_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        // Takes every request and never answers it.
+        let sock = agent(dir.path(), || async {
+            std::future::pending::<()>().await;
+            Response::new(Full::new(Bytes::new()))
+        })
+        .await;
+        let c = impatient(&sock);
+        let started = Instant::now();
+        assert!(matches!(c.info().await, Err(RuntimeError::AgentTimeout(_))));
+        assert!(matches!(
+            c.ports().await,
+            Err(RuntimeError::AgentTimeout(_))
+        ));
+        let req = ExecRequest {
+            argv: vec!["true".into()],
+            env: Default::default(),
+            cwd: None,
+            timeout_ms: 1000,
+            stdin: None,
+        };
+        assert!(matches!(
+            c.exec(&req).await,
+            Err(RuntimeError::AgentTimeout(_))
+        ));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_times_out() {
+        // Accepts the connection and never says a word, HTTP/2 or other.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let _held = tokio::spawn(async move {
+            let mut held = vec![];
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let c = impatient(&path);
+        let started = Instant::now();
+        assert!(c.info().await.is_err());
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
 
     #[test]
     fn query_encoding() {

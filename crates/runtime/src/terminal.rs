@@ -9,7 +9,10 @@ use http_body_util::{BodyExt, StreamBody};
 use sandforge_agent_proto::{routes, AgentError, Frame, FrameDecoder, SessionInfo, SessionRequest};
 use tokio::sync::mpsc;
 
-use crate::agent::{build, collect, full_body, AgentClient, BoxError, ExecStream};
+use crate::agent::{
+    build, full_body, read_answer, AgentClient, BoxError, ExecStream, CALL_TIMEOUT, MAX_ANSWER,
+    MAX_ERROR_ANSWER,
+};
 use crate::error::{Result, RuntimeError};
 
 /// How many input frames may wait for the agent.
@@ -23,12 +26,23 @@ pub struct Attachment {
     pub output: ExecStream,
 }
 
+/// The error of a streaming call the agent refused: its error body, read
+/// bounded in size and time.
 pub(crate) async fn refused(
     status: StatusCode,
     resp: http::Response<hyper::body::Incoming>,
 ) -> RuntimeError {
-    let body = collect(resp).await.unwrap_or_default();
-    match serde_json::from_slice::<AgentError>(&body) {
+    let body = tokio::time::timeout(CALL_TIMEOUT, read_answer(resp, MAX_ERROR_ANSWER))
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or_default();
+    refused_body(status, &body)
+}
+
+/// The error of a call the agent refused, from its (bounded) body.
+pub(crate) fn refused_body(status: StatusCode, body: &[u8]) -> RuntimeError {
+    match serde_json::from_slice::<AgentError>(body) {
         Ok(e) if status.is_client_error() || status == StatusCode::BAD_GATEWAY => {
             RuntimeError::AgentRefused {
                 status: status.as_u16(),
@@ -38,7 +52,7 @@ pub(crate) async fn refused(
         }
         _ => RuntimeError::AgentProtocol(format!(
             "agent answered {status}: {}",
-            String::from_utf8_lossy(&body)
+            String::from_utf8_lossy(body)
         )),
     }
 }
@@ -47,28 +61,24 @@ impl AgentClient {
     pub async fn create_session(&self, req: &SessionRequest) -> Result<SessionInfo> {
         let body =
             serde_json::to_vec(req).map_err(|e| RuntimeError::AgentProtocol(e.to_string()))?;
-        let resp = self
-            .request(build(Method::POST, routes::SESSIONS, full_body(body))?)
+        let (status, body) = self
+            .call(
+                build(Method::POST, routes::SESSIONS, full_body(body))?,
+                MAX_ANSWER,
+            )
             .await?;
-        if resp.status() != StatusCode::CREATED {
-            return Err(refused(resp.status(), resp).await);
+        if status != StatusCode::CREATED {
+            return Err(refused_body(status, &body));
         }
-        let body = collect(resp).await?;
         serde_json::from_slice(&body).map_err(|e| RuntimeError::AgentProtocol(e.to_string()))
     }
 
     pub async fn sessions(&self) -> Result<Vec<SessionInfo>> {
-        let resp = self
-            .request(build(
-                Method::GET,
-                routes::SESSIONS,
-                full_body(Bytes::new()),
-            )?)
-            .await?;
-        if resp.status() != StatusCode::OK {
-            return Err(refused(resp.status(), resp).await);
+        let req = build(Method::GET, routes::SESSIONS, full_body(Bytes::new()))?;
+        let (status, body) = self.call(req, MAX_ANSWER).await?;
+        if status != StatusCode::OK {
+            return Err(refused_body(status, &body));
         }
-        let body = collect(resp).await?;
         serde_json::from_slice(&body).map_err(|e| RuntimeError::AgentProtocol(e.to_string()))
     }
 

@@ -11,22 +11,20 @@ use http_body_util::{BodyExt, StreamBody};
 use sandforge_agent_proto::{routes, ListeningPort};
 use tokio::io::{AsyncWriteExt, DuplexStream};
 
-use crate::agent::{build, collect, full_body, AgentClient, BoxError};
+use crate::agent::{build, full_body, AgentClient, BoxError, MAX_ANSWER};
 use crate::error::{Result, RuntimeError};
-use crate::terminal::refused;
+use crate::terminal::{refused, refused_body};
 
 /// Buffer between the caller and the HTTP/2 stream, each way.
 const BUFFER: usize = 64 * 1024;
 
 impl AgentClient {
     pub async fn ports(&self) -> Result<Vec<u16>> {
-        let resp = self
-            .request(build(Method::GET, routes::PORTS, full_body(Bytes::new()))?)
-            .await?;
-        if resp.status() != StatusCode::OK {
-            return Err(refused(resp.status(), resp).await);
+        let req = build(Method::GET, routes::PORTS, full_body(Bytes::new()))?;
+        let (status, body) = self.call(req, MAX_ANSWER).await?;
+        if status != StatusCode::OK {
+            return Err(refused_body(status, &body));
         }
-        let body = collect(resp).await?;
         let list: Vec<ListeningPort> = serde_json::from_slice(&body)
             .map_err(|e| RuntimeError::AgentProtocol(e.to_string()))?;
         Ok(list.into_iter().map(|p| p.port).collect())

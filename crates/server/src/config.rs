@@ -95,6 +95,10 @@ pub struct Config {
     /// opening or its previous response (so also the keep-alive idle
     /// timeout).
     pub header_timeout_secs: u64,
+    /// MiB all buffered exec output of the daemon may hold at once (the
+    /// text and its JSON answers until sent); beyond it a new buffered exec
+    /// gets 429 `limit` and a running one is cut (`truncated`).
+    pub exec_buffer_budget_mb: u64,
 }
 
 /// The YAML text as a config: a wrong type or unknown key is an error that
@@ -151,6 +155,7 @@ impl Default for Config {
             publish_domain: "sandforge.localhost".into(),
             max_connections: 1024,
             header_timeout_secs: 15,
+            exec_buffer_budget_mb: 256,
         }
     }
 }
@@ -304,6 +309,12 @@ impl Config {
             .map_err(|e| invalid_more(e, "(or 0: no disk image)"))?;
         }
         range("console_log_max_kb", self.console_log_max_kb, 1, 1 << 20)?;
+        range(
+            "exec_buffer_budget_mb",
+            self.exec_buffer_budget_mb,
+            1,
+            1 << 20,
+        )?;
         range(
             "max_snapshots_per_sandbox",
             self.max_snapshots_per_sandbox,
@@ -459,6 +470,14 @@ mod tests {
         assert!(Config::load(Some(&f), None, None).is_err());
         std::fs::write(&f, "listen: nope\n").unwrap();
         assert!(Config::load(Some(&f), None, None).is_err());
+        std::fs::write(&f, "exec_buffer_budget_mb: 64\n").unwrap();
+        let c = Config::load(Some(&f), None, None).unwrap();
+        assert_eq!(c.exec_buffer_budget_mb, 64);
+        for bad in ["0", "-1", "lots", "1048577"] {
+            std::fs::write(&f, format!("exec_buffer_budget_mb: {bad}\n")).unwrap();
+            let e = Config::load(Some(&f), None, None).unwrap_err().to_string();
+            assert!(e.contains("exec_buffer_budget_mb"), "{e}");
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 

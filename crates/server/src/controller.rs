@@ -40,6 +40,8 @@ pub struct Controller {
     pub(crate) activity: crate::lifecycle::ActivityMap,
     /// Serializes lifecycle operations (create/destroy/fail) per sandbox.
     ops: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// What all buffered execs may hold (`exec_buffer_budget_mb`).
+    output: Arc<crate::output::OutputBudget>,
     started: Instant,
 }
 
@@ -79,7 +81,11 @@ impl Controller {
             _ if accel == Some("kvm") && backends.contains_key("microvm") => Isolation::Microvm,
             _ => Isolation::Container,
         };
+        let output = crate::output::OutputBudget::new(
+            usize::try_from(cfg.exec_buffer_budget_mb << 20).unwrap_or(usize::MAX),
+        );
         Controller {
+            output,
             default_isolation,
             accel: accel.map(str::to_string),
             cfg,
@@ -104,6 +110,14 @@ impl Controller {
 
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// Admit one buffered exec to the output budget: 429 `limit` when it
+    /// is spent (call before anything runs).
+    pub(crate) fn admit_buffered(&self) -> Result<crate::output::Reservation, ApiError> {
+        self.output
+            .admit()
+            .ok_or_else(|| crate::output::budget_spent(&self.output))
     }
 
     pub(crate) fn op_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {

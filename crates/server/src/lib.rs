@@ -18,6 +18,7 @@ pub mod json;
 mod lifecycle;
 mod listener;
 mod network;
+mod output;
 mod proxy;
 mod publish;
 mod reconcile;

@@ -2,31 +2,39 @@
 //! 002: an argv, buffered JSON or, with `Accept: application/x-ndjson`, one
 //! JSON line per output chunk flushed as it arrives). Both run through the
 //! agent's streamed exec; a dropped client cancels the stream, and the agent
-//! then kills the command's process group.
-
-use std::time::Duration;
+//! then kills the command's process group. Buffering, within the daemon's
+//! output budget, is `crate::output`'s; a streamed call reads the agent only
+//! as fast as its client takes the lines.
 
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use bytes::Bytes;
 use http::{header, HeaderMap};
 use sandforge_agent_proto::{ExecRequest as AgentExec, Frame};
 use sandforge_api::exec::ValidExec;
-use sandforge_api::{limits, ExecEvent, ExecRequest, ExecuteRequest, ExecuteResponse};
+use sandforge_api::{ExecEvent, ExecRequest, ExecuteRequest};
 use sandforge_runtime::agent::ExecStream;
+use sandforge_runtime::AgentClient;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::json::ApiJson;
+use crate::lifecycle::Busy;
+use crate::output::{self, BufferedAnswer, Utf8Carry};
 use crate::AppState;
 
-/// Extra time the supervisor waits beyond a command's own timeout before it
-/// gives up on the agent (the agent enforces the timeout itself).
-const GRACE: Duration = Duration::from_secs(15);
-
-async fn start(st: &AppState, org: &str, id: &str, v: &ValidExec) -> Result<ExecStream, ApiError> {
+/// The controller's checks (404/403/409) and the agent request. The
+/// sandbox is busy from before it is woken until the returned guard drops
+/// (the thermal manager never pauses it in between).
+async fn prepare(
+    st: &AppState,
+    org: &str,
+    id: &str,
+    v: &ValidExec,
+) -> Result<((AgentClient, AgentExec), Busy), ApiError> {
+    st.controller.get(org, id)?;
+    let busy = st.controller.busy(id);
     let agent = st.controller.agent(org, id).await?;
     let row = st.controller.get(org, id)?;
     let mut env = row.spec.env.clone();
@@ -38,61 +46,32 @@ async fn start(st: &AppState, org: &str, id: &str, v: &ValidExec) -> Result<Exec
         timeout_ms: v.timeout_seconds * 1000,
         stdin: v.stdin.clone(),
     };
+    Ok(((agent, req), busy))
+}
+
+/// Start the command in the sandbox.
+async fn start(
+    st: &AppState,
+    id: &str,
+    (agent, req): (AgentClient, AgentExec),
+) -> Result<ExecStream, ApiError> {
     match agent.exec(&req).await {
         Ok(s) => Ok(s),
         Err(e) => Err(st.controller.agent_failed(id, e).await),
     }
 }
 
-/// Run to completion, keeping at most [`limits::MAX_BUFFERED_OUTPUT`] bytes
-/// of each stream.
+/// A buffered call: admitted to the output budget (429 `limit` before
+/// anything runs), then run to completion.
 async fn buffered(
     st: &AppState,
     id: &str,
-    mut stream: ExecStream,
+    (prepared, _busy): ((AgentClient, AgentExec), Busy),
     timeout: u64,
-) -> Result<ExecuteResponse, ApiError> {
-    let (mut out, mut err, mut truncated) = (Vec::new(), Vec::new(), false);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout) + GRACE;
-    loop {
-        let next = tokio::time::timeout_at(deadline, stream.next())
-            .await
-            .map_err(|_| {
-                ApiError::new(
-                    http::StatusCode::GATEWAY_TIMEOUT,
-                    "agent_timeout",
-                    "the agent did not finish the command in time",
-                )
-            })?;
-        match next {
-            Some(Ok(Frame::Stdout(b))) => truncated |= append_capped(&mut out, &b),
-            Some(Ok(Frame::Stderr(b))) => truncated |= append_capped(&mut err, &b),
-            Some(Ok(Frame::Exit(status))) => {
-                return Ok(ExecuteResponse {
-                    exit_code: status.exit_code,
-                    stdout: String::from_utf8_lossy(&out).into_owned(),
-                    stderr: String::from_utf8_lossy(&err).into_owned(),
-                    timed_out: status.timed_out,
-                    truncated,
-                })
-            }
-            // Terminal input frames never come from an exec.
-            Some(Ok(Frame::Resize(_) | Frame::Input(_))) => {}
-            Some(Err(e)) => return Err(st.controller.agent_failed(id, e).await),
-            None => {
-                return Err(st
-                    .controller
-                    .agent_failed(id, "exec stream ended early")
-                    .await)
-            }
-        }
-    }
-}
-
-fn append_capped(buf: &mut Vec<u8>, data: &[u8]) -> bool {
-    let room = limits::MAX_BUFFERED_OUTPUT.saturating_sub(buf.len());
-    buf.extend_from_slice(&data[..data.len().min(room)]);
-    data.len() > room
+) -> Result<BufferedAnswer, ApiError> {
+    let held = st.controller.admit_buffered()?;
+    let stream = start(st, id, prepared).await?;
+    output::collect(&st.controller, id, stream, timeout, held).await
 }
 
 pub async fn execute(
@@ -100,11 +79,10 @@ pub async fn execute(
     caller: Caller,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<ExecuteRequest>,
-) -> Result<Json<ExecuteResponse>, ApiError> {
+) -> Result<BufferedAnswer, ApiError> {
     let v = req.validate()?;
-    let stream = start(&st, &caller.org, &id, &v).await?;
-    let _busy = st.controller.busy(&id);
-    Ok(Json(buffered(&st, &id, stream, v.timeout_seconds).await?))
+    let prepared = prepare(&st, &caller.org, &id, &v).await?;
+    buffered(&st, &id, prepared, v.timeout_seconds).await
 }
 
 pub async fn exec(
@@ -119,11 +97,13 @@ pub async fn exec(
         .get(header::ACCEPT)
         .and_then(|a| a.to_str().ok())
         .is_some_and(|a| a.contains("application/x-ndjson"));
-    let stream = start(&st, &caller.org, &id, &v).await?;
-    let busy = st.controller.busy(&id);
+    let prepared = prepare(&st, &caller.org, &id, &v).await?;
     if !ndjson {
-        return Ok(Json(buffered(&st, &id, stream, v.timeout_seconds).await?).into_response());
+        let answer = buffered(&st, &id, prepared, v.timeout_seconds).await?;
+        return Ok(answer.into_response());
     }
+    let (prepared, busy) = prepared;
+    let stream = start(&st, &id, prepared).await?;
     let body = Body::from_stream(ndjson_lines(stream, busy));
     Ok((
         [
@@ -188,46 +168,4 @@ fn ndjson_lines(
         line.push(b'\n');
         Some((Ok(Bytes::from(line)), s))
     })
-}
-
-/// Decodes UTF-8 across chunk boundaries: an incomplete trailing sequence is
-/// held back until the next chunk instead of becoming U+FFFD.
-#[derive(Default)]
-struct Utf8Carry(Vec<u8>);
-
-impl Utf8Carry {
-    fn push(&mut self, data: &[u8]) -> String {
-        self.0.extend_from_slice(data);
-        let keep_from = match std::str::from_utf8(&self.0) {
-            Ok(_) => self.0.len(),
-            Err(e) if e.error_len().is_none() => e.valid_up_to(),
-            Err(_) => self.0.len(),
-        };
-        let rest = self.0.split_off(keep_from);
-        let s = String::from_utf8_lossy(&self.0).into_owned();
-        self.0 = rest;
-        s
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn utf8_split_across_chunks() {
-        let mut c = Utf8Carry::default();
-        let snow = "☃".as_bytes();
-        assert_eq!(c.push(&[b'a', snow[0]]), "a");
-        assert_eq!(c.push(&snow[1..]), "☃");
-        assert_eq!(c.push(&[0xff, b'b']), "\u{fffd}b");
-    }
-
-    #[test]
-    fn capped_append() {
-        let mut b = vec![0u8; limits::MAX_BUFFERED_OUTPUT - 2];
-        assert!(append_capped(&mut b, b"abcd"));
-        assert_eq!(b.len(), limits::MAX_BUFFERED_OUTPUT);
-        assert!(!append_capped(&mut Vec::new(), b"ab"));
-    }
 }

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use http_body_util::BodyExt;
 use sandforge_agent_proto::{self as proto, AgentError, FileQuery};
-use sandforge_runtime::agent::{BoxError, ReqBody};
+use sandforge_runtime::agent::{self, BoxError, ReqBody};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -78,12 +78,14 @@ fn parse_query(params: Params, method: &Method) -> Result<FileQuery, ApiError> {
 /// 5xx becomes 502 since the fault is past our edge).
 async fn agent_error(resp: http::Response<hyper::body::Incoming>) -> ApiError {
     let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
+    let body = tokio::time::timeout(
+        agent::CALL_TIMEOUT,
+        agent::read_answer(resp, agent::MAX_ERROR_ANSWER),
+    )
+    .await
+    .ok()
+    .and_then(|r| r.ok())
+    .unwrap_or_default();
     let e: AgentError = serde_json::from_slice(&body).unwrap_or(AgentError {
         code: "io".into(),
         message: String::from_utf8_lossy(&body).into_owned(),
