@@ -178,8 +178,12 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            // An idle pooled connection is dropped well before the daemon
+            // closes it (`header_timeout_secs`, 15 s by default), so a
+            // request never goes out on a connection the daemon is closing.
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(120))
+                .pool_idle_timeout(Duration::from_secs(5))
                 .build()
                 .unwrap(),
         };
