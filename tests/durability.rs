@@ -160,22 +160,23 @@ fn processes_named(marker: &str) -> Vec<u32> {
 /// bounded by the sandbox's pids limit and churning at it. A VM's kernel
 /// has no cgroup limit from us and its memory (the bomb with it) comes
 /// back on start, where a churning bomb would starve the agent of a TCG
-/// vCPU: there an unprivileged user (`ulimit -u 64`) forks until the
+/// vCPU: there an unprivileged user (`ulimit -u 32`) forks until the
 /// kernel refuses, then every process waits.
 async fn fork_bomb(d: &Daemon, id: &str, marker: &str) {
     let cmd = if vm() {
         let bomb = "import os, signal\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        break\nsignal.pause()\n";
         format!(
-            "printf '{bomb}' > /tmp/bomb.py; ulimit -u 64; setpriv --reuid=65534 --regid=65534 \
+            "printf '{bomb}' > /tmp/bomb.py; ulimit -u 32; setpriv --reuid=65534 --regid=65534 \
              --clear-groups python3 /tmp/bomb.py {marker} >/dev/null 2>&1 & \
-             while [ $(pgrep -c -f {marker}) -lt 60 ]; do sleep 0.2; done; echo started"
+             while [ $(pgrep -c -f {marker}) -lt 28 ]; do sleep 0.2; done; echo started"
         )
     } else {
         let bomb = "b() { b | b & }; b";
         format!("bash -c '{bomb}' {marker} >/dev/null 2>&1 & echo started")
     };
-    // A VM under TCG on a loaded host forks slowly: room enough.
-    let timeout = if vm() { 280 } else { 60 };
+    // A VM under TCG on a loaded host forks slowly: room enough (within
+    // the harness client's 120 s).
+    let timeout = if vm() { 100 } else { 60 };
     let (s, v) = d
         .execute(id, json!({"command": cmd, "timeout_seconds": timeout}))
         .await;
@@ -200,7 +201,7 @@ async fn fork_bomb(d: &Daemon, id: &str, marker: &str) {
 async fn a_fork_bomb_then_stop_start_and_destroy() {
     let d = Daemon::start().await;
     let id = d
-        .create_id(json!({"memory_mb": 256, "network": "offline"}))
+        .create_id(json!({"memory_mb": if vm() { 512 } else { 256 }, "network": "offline"}))
         .await;
     d.sh_ok(&id, "echo kept > /root/f").await;
     let marker = "sf-bomb-4711";
@@ -257,7 +258,7 @@ async fn a_fork_bomb_then_stop_start_and_destroy() {
     // Processes gone behind the daemon's back: start must not answer
     // `running` (whether the monitor or start itself notices first).
     let id = d
-        .create_id(json!({"memory_mb": 256, "network": "offline"}))
+        .create_id(json!({"memory_mb": if vm() { 512 } else { 256 }, "network": "offline"}))
         .await;
     sigkill(d.sandbox_pid(&id));
     let (s, v) = d
