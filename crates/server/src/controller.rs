@@ -70,7 +70,8 @@ impl Controller {
         accel: Option<&str>,
         network: Option<Arc<sandforge_runtime::network::Network>>,
     ) -> Self {
-        let templates = TemplateStore::new(&cfg.template_dir);
+        let templates =
+            TemplateStore::new(&cfg.template_dir).with_own(cfg.state_dir.join("templates"));
         let backends: HashMap<&'static str, Arc<dyn Backend>> = backends
             .into_iter()
             .map(|b| (b.isolation().as_str(), b))
@@ -297,7 +298,8 @@ impl Controller {
         let v = req.validate()?;
         let isolation = v.isolation.unwrap_or(self.default_isolation);
         let backend = self.backend(isolation)?;
-        let template = self.templates.get(&v.template)?;
+        let stored = self.resolve_template(org, &v.template)?;
+        let template = self.templates.get(&stored)?;
         let disk_mb = self.disk_size(isolation, &v, &template)?;
         let resolved = self.resolve_mounts(&v)?;
         let (network, egress) = self.net_choice(&v, egress_field)?;
@@ -317,7 +319,7 @@ impl Controller {
                 } else {
                     None
                 },
-                template: v.template.clone(),
+                template: stored,
                 cpus: v.cpus,
                 memory_mb: v.memory_mb,
                 disk_mb,

@@ -10,6 +10,7 @@ mod files;
 mod health;
 mod ports;
 mod sandboxes;
+mod templates;
 mod terminal;
 
 use axum::routing::{any, get, post};
@@ -26,6 +27,11 @@ fn api() -> Router<AppState> {
             get(sandboxes::get_one)
                 .patch(sandboxes::patch)
                 .delete(sandboxes::destroy),
+        )
+        .route("/templates", get(templates::list))
+        .route(
+            "/templates/{id}",
+            get(templates::get_one).delete(templates::delete),
         )
         .route("/sandboxes/{id}/console", get(sandboxes::console))
         .route("/sandboxes/{id}/wake", post(sandboxes::wake))
