@@ -404,6 +404,9 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServerError> {
         .register_builtin_templates()
         .map_err(|e| ServerError::Startup(format!("registering templates: {}", e.message)))?;
     controller
+        .recover_templates()
+        .map_err(|e| ServerError::Startup(format!("recovering templates: {}", e.message)))?;
+    controller
         .reconcile()
         .await
         .map_err(|e| ServerError::Startup(e.message))?;

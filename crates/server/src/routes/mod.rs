@@ -28,11 +28,12 @@ fn api() -> Router<AppState> {
                 .patch(sandboxes::patch)
                 .delete(sandboxes::destroy),
         )
-        .route("/templates", get(templates::list))
+        .route("/templates", get(templates::list).post(templates::create))
         .route(
             "/templates/{id}",
             get(templates::get_one).delete(templates::delete),
         )
+        .route("/templates/{id}/logs", get(templates::logs))
         .route("/sandboxes/{id}/console", get(sandboxes::console))
         .route("/sandboxes/{id}/wake", post(sandboxes::wake))
         .route("/sandboxes/{id}/keepalive", post(sandboxes::keepalive))
