@@ -452,6 +452,9 @@ impl Controller {
                     rootfs: PathBuf::new(),
                     uid_shift: 0,
                     shell: String::new(),
+                    env: Vec::new(),
+                    workdir: None,
+                    user: None,
                 },
             )
         });
