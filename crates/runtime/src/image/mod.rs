@@ -369,6 +369,23 @@ fn tree_size(p: &Path) -> u64 {
     n
 }
 
+/// The image config. oci-spec 0.7 insists on `history`, which the image spec
+/// makes optional (and which images built by some tools lack): an absent one
+/// is read as empty.
+fn parse_config(raw: &[u8]) -> Result<oci_spec::image::ImageConfiguration, ImageError> {
+    let bad = |e: &dyn std::fmt::Display| ImageError::Registry(format!("image config: {e}"));
+    let mut v: serde_json::Value = serde_json::from_slice(raw).map_err(|e| bad(&e))?;
+    let obj = v.as_object_mut().ok_or_else(|| bad(&"not an object"))?;
+    if obj
+        .get("history")
+        .unwrap_or(&serde_json::Value::Null)
+        .is_null()
+    {
+        obj.insert("history".into(), serde_json::Value::Array(vec![]));
+    }
+    serde_json::from_value(v).map_err(|e| bad(&e))
+}
+
 /// The manifest `TemplateStore::get` reads, plus what the image says.
 #[derive(Debug, Serialize)]
 struct TemplateManifest<'a> {
@@ -428,8 +445,7 @@ pub async fn pull(
         .pull_blob(&r, &manifest.config, &mut raw)
         .await
         .map_err(|e| map_registry(&manifest.config.digest, e))?;
-    let config = oci_spec::image::ImageConfiguration::from_reader(&raw[..])
-        .map_err(|e| ImageError::Registry(format!("image config: {e}")))?;
+    let config = parse_config(&raw)?;
     let (os, arch) = (config.os().to_string(), config.architecture().to_string());
     if os != PLATFORM_OS || arch != PLATFORM_ARCH {
         return Err(ImageError::Platform(format!("{reference} is {os}/{arch}")));
@@ -541,4 +557,38 @@ pub async fn pull(
     }
     progress(PullEvent::Done { size_bytes });
     Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_without_history_parses() {
+        let c = parse_config(
+            br#"{"architecture":"amd64","os":"linux","config":{"Env":["A=1"],"WorkingDir":"/w","User":"u"},"rootfs":{"type":"layers","diff_ids":[]}}"#,
+        )
+        .unwrap();
+        let cfg = c.config().clone().unwrap();
+        assert_eq!(cfg.env().clone().unwrap(), vec!["A=1".to_string()]);
+        assert_eq!(cfg.working_dir().as_deref(), Some("/w"));
+        assert!(parse_config(b"[]").is_err());
+    }
+
+    #[test]
+    fn blob_paths_are_checked_digests() {
+        let hex = "0".repeat(64);
+        assert_eq!(
+            blob_path(Path::new("/b"), &format!("sha256:{hex}")).unwrap(),
+            Path::new("/b/sha256").join(&hex)
+        );
+        for bad in [
+            "sha256:../../etc/passwd".to_string(),
+            format!("sha512:{hex}"),
+            format!("sha256:{}", "A".repeat(64)),
+            "sha256:abc".to_string(),
+        ] {
+            assert!(blob_path(Path::new("/b"), &bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -1,0 +1,489 @@
+//! Pulling OCI images from a real registry: Debian's `docker-registry`
+//! (distribution 2.x) started on a free loopback port, images built here as
+//! OCI layouts and pushed with `skopeo`. Needs root (ownership shift);
+//! skips with a reason otherwise.
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sandforge_runtime::image::{pull, ImageError, PullEvent, PullOptions};
+use sandforge_runtime::TemplateStore;
+use sha2::{Digest, Sha256};
+
+/// A registry process, killed (and its storage removed) on drop.
+struct Registry {
+    child: Child,
+    port: u16,
+    storage: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// `htpasswd`: require basic auth (the registry makes up a user).
+    fn start(htpasswd: bool) -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = dir.path().join("storage");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let auth = if htpasswd {
+            format!(
+                "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                dir.path().join("htpasswd").display()
+            )
+        } else {
+            String::new()
+        };
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
+                storage.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("/usr/bin/docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry (scripts/deps.sh installs it)");
+        let reg = Registry {
+            child,
+            port,
+            storage,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "registry did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        reg
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The registry's own copy of a blob.
+    fn blob_data(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.storage
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sha(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+enum E<'a> {
+    Dir(&'a str, u64),
+    File(&'a str, &'a str, u64),
+    Symlink(&'a str, &'a str),
+}
+
+/// A gzip layer: (blob, diff_id).
+fn layer(entries: &[E]) -> (Vec<u8>, String) {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mtime(1_700_000_000);
+        match e {
+            E::Dir(p, uid) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_uid(*uid);
+                h.set_gid(*uid);
+                h.set_size(0);
+                b.append_data(&mut h, p, &[][..]).unwrap();
+            }
+            E::File(p, d, uid) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(0o755);
+                h.set_uid(*uid);
+                h.set_gid(*uid);
+                h.set_size(d.len() as u64);
+                b.append_data(&mut h, p, d.as_bytes()).unwrap();
+            }
+            E::Symlink(p, t) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_size(0);
+                b.append_link(&mut h, p, t).unwrap();
+            }
+        }
+    }
+    let tar = b.into_inner().unwrap();
+    let diff_id = sha(&tar);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).unwrap();
+    (gz.finish().unwrap(), diff_id)
+}
+
+/// Writes an OCI layout with one image and pushes it as `test/<name>`.
+/// Returns the layer digests.
+fn push_image(
+    reg: &Registry,
+    work: &Path,
+    name: &str,
+    arch: &str,
+    layers: &[&(Vec<u8>, String)],
+    config_extra: serde_json::Value,
+) -> Vec<String> {
+    let layout = work.join(format!("layout-{}", name.replace([':', '/'], "-")));
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |data: &[u8]| -> String {
+        let d = sha(data);
+        std::fs::write(blobs.join(d.strip_prefix("sha256:").unwrap()), data).unwrap();
+        d
+    };
+    let config = serde_json::json!({
+        "architecture": arch,
+        "os": "linux",
+        "config": config_extra,
+        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| l.1.clone()).collect::<Vec<_>>()},
+    });
+    let config = serde_json::to_vec(&config).unwrap();
+    let config_digest = put(&config);
+    let mut descs = Vec::new();
+    let mut digests = Vec::new();
+    for (blob, _) in layers.iter().map(|l| (&l.0, &l.1)) {
+        let d = put(blob);
+        digests.push(d.clone());
+        descs.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": d, "size": blob.len(),
+        }));
+    }
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": descs,
+    }))
+    .unwrap();
+    let manifest_digest = put(&manifest);
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": manifest_digest, "size": manifest.len(),
+                "annotations": {"org.opencontainers.image.ref.name": "t"},
+            }],
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let out = Command::new("skopeo")
+        .args(["--insecure-policy", "copy", "-q", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:t", layout.display()))
+        .arg(format!("docker://{}/test/{name}", reg.host()))
+        .output()
+        .expect("skopeo (scripts/deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "skopeo copy {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    digests
+}
+
+struct Events(Mutex<Vec<PullEvent>>);
+
+impl Events {
+    fn new() -> Self {
+        Events(Mutex::new(Vec::new()))
+    }
+    fn cb(&self) -> impl Fn(PullEvent) + Send + Sync + '_ {
+        move |e| self.0.lock().unwrap().push(e)
+    }
+    fn take(&self) -> Vec<PullEvent> {
+        std::mem::take(&mut self.0.lock().unwrap())
+    }
+}
+
+fn downloaded(ev: &[PullEvent]) -> Vec<String> {
+    ev.iter()
+        .filter_map(|e| match e {
+            PullEvent::LayerDownloaded { digest, .. } => Some(digest.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn cached(ev: &[PullEvent]) -> Vec<String> {
+    ev.iter()
+        .filter_map(|e| match e {
+            PullEvent::LayerCached { digest, .. } => Some(digest.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_from_a_real_registry() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipping pull_from_a_real_registry: needs root (lchown to uid 100000+)");
+        return;
+    }
+    let reg = Registry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+
+    let base = layer(&[
+        E::Dir("bin", 0),
+        E::File("bin/sh", "#!fake shell\n", 0),
+        E::Dir("etc", 0),
+        E::File("etc/hello", "hello\n", 0),
+        E::File("etc/gone", "to be whited out\n", 0),
+        E::Symlink("etc/link", "hello"),
+        E::Dir("home", 0),
+        E::Dir("home/user", 1000),
+        E::File("home/user/notes", "mine\n", 1000),
+        E::Dir("var/cache", 0),
+        E::File("var/cache/old", "lower\n", 0),
+    ]);
+    let top = layer(&[
+        E::File("etc/.wh.gone", "", 0),
+        E::Dir("var/cache", 0),
+        E::File("var/cache/.wh..wh..opq", "", 0),
+        E::File("var/cache/new", "upper\n", 0),
+        E::Dir("app", 1000),
+        E::File("app/main.txt", "main\n", 1000),
+    ]);
+    let bash = layer(&[E::File("bin/bash", "#!fake bash\n", 0)]);
+    let doomed = layer(&[E::File("doomed", "will be corrupted in the registry\n", 0)]);
+    let config = serde_json::json!({
+        "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "GREETING=hi there"],
+        "WorkingDir": "/app",
+        "User": "1000",
+        "Cmd": ["/bin/sh"],
+    });
+    let l1 = push_image(&reg, w, "img:1", "amd64", &[&base, &top], config.clone());
+    let l2 = push_image(
+        &reg,
+        w,
+        "img:2",
+        "amd64",
+        &[&base, &bash],
+        serde_json::json!({}),
+    );
+    let l3 = push_image(
+        &reg,
+        w,
+        "img:3",
+        "amd64",
+        &[&base, &doomed],
+        serde_json::json!({}),
+    );
+    push_image(&reg, w, "arm:1", "arm64", &[&base], serde_json::json!({}));
+    assert_eq!(l1[0], l2[0], "the base layer is shared");
+
+    let templates = w.join("templates");
+    let opts = PullOptions {
+        blob_dir: w.join("blobs"),
+        uid_shift: 100000,
+        credentials: None,
+    };
+    let ev = Events::new();
+    let host = reg.host();
+
+    // 1. The image, its files, whiteouts, config and ownership.
+    let info = pull(
+        &opts,
+        &format!("{host}/test/img:1"),
+        &templates.join("one"),
+        &ev.cb(),
+    )
+    .await
+    .unwrap();
+    let events = ev.take();
+    assert_eq!(downloaded(&events), l1);
+    assert!(matches!(events.last(), Some(PullEvent::Done { .. })));
+    assert_eq!(info.layers, l1);
+    assert_eq!(info.workdir.as_deref(), Some("/app"));
+    assert_eq!(info.user.as_deref(), Some("1000"));
+    assert_eq!(info.cmd, vec!["/bin/sh".to_string()]);
+    assert!(info.env.contains(&"GREETING=hi there".to_string()));
+    assert!(info.digest.starts_with("sha256:"));
+    let root = templates.join("one/rootfs");
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/hello")).unwrap(),
+        "hello\n"
+    );
+    assert_eq!(
+        std::fs::read_link(root.join("etc/link")).unwrap(),
+        Path::new("hello")
+    );
+    assert!(!root.join("etc/gone").exists(), "whiteout applied");
+    assert!(
+        !root.join("var/cache/old").exists(),
+        "opaque whiteout applied"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("var/cache/new")).unwrap(),
+        "upper\n"
+    );
+    let owner = |p: &str| {
+        let m = std::fs::symlink_metadata(root.join(p)).unwrap();
+        (m.uid(), m.gid())
+    };
+    assert_eq!(owner("etc/hello"), (100000, 100000));
+    assert_eq!(owner("etc/link"), (100000, 100000));
+    assert_eq!(owner("home/user/notes"), (101000, 101000));
+    assert_eq!(owner("app"), (101000, 101000));
+    assert_eq!(owner("."), (100000, 100000));
+    for d in &l1 {
+        let hex = d.strip_prefix("sha256:").unwrap();
+        assert!(w.join("blobs/sha256").join(hex).is_file());
+    }
+    // The template store reads it, config included.
+    let store = TemplateStore::new(&templates);
+    let t = store.get("one").unwrap();
+    assert_eq!((t.uid_shift, t.shell.as_str()), (100000, "/bin/sh"));
+    assert_eq!(
+        (t.workdir.as_deref(), t.user.as_deref()),
+        (Some("/app"), Some("1000"))
+    );
+    assert!(t.env.contains(&"GREETING=hi there".to_string()));
+
+    // 2. A second image sharing the base layer: the base is not fetched again.
+    pull(
+        &opts,
+        &format!("{host}/test/img:2"),
+        &templates.join("two"),
+        &ev.cb(),
+    )
+    .await
+    .unwrap();
+    let events = ev.take();
+    assert_eq!(cached(&events), vec![l2[0].clone()]);
+    assert_eq!(downloaded(&events), vec![l2[1].clone()]);
+    assert_eq!(store.get("two").unwrap().shell, "/bin/bash");
+    assert!(
+        templates.join("two/rootfs/etc/gone").exists(),
+        "img:2 has no whiteout"
+    );
+
+    // 3. By digest.
+    let pinned = pull(
+        &opts,
+        &format!("{host}/test/img@{}", info.digest),
+        &templates.join("pinned"),
+        &ev.cb(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(pinned.digest, info.digest);
+    assert!(downloaded(&ev.take()).is_empty(), "everything cached");
+
+    // 4. Unknown tag or repository; another platform; an existing destination.
+    for r in ["test/img:nope", "test/nothing:1"] {
+        let e = pull(
+            &opts,
+            &format!("{host}/{r}"),
+            &templates.join("nf"),
+            &ev.cb(),
+        )
+        .await;
+        assert!(matches!(e, Err(ImageError::NotFound(_))), "{r}: {e:?}");
+    }
+    let e = pull(
+        &opts,
+        &format!("{host}/test/arm:1"),
+        &templates.join("arm"),
+        &ev.cb(),
+    )
+    .await;
+    assert!(matches!(e, Err(ImageError::Platform(_))), "{e:?}");
+    let e = pull(
+        &opts,
+        &format!("{host}/test/img:1"),
+        &templates.join("one"),
+        &ev.cb(),
+    )
+    .await;
+    assert!(matches!(e, Err(ImageError::Exists(_))), "{e:?}");
+
+    // 5. A layer corrupted in the registry: Digest error, nothing kept.
+    let data = reg.blob_data(&l3[1]);
+    let mut bytes = std::fs::read(&data).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0xff;
+    std::fs::write(&data, &bytes).unwrap();
+    let e = pull(
+        &opts,
+        &format!("{host}/test/img:3"),
+        &templates.join("three"),
+        &ev.cb(),
+    )
+    .await;
+    assert!(
+        matches!(&e, Err(ImageError::Digest { digest, .. }) if *digest == l3[1]),
+        "{e:?}"
+    );
+    assert!(!templates.join("three").exists());
+    let hex = l3[1].strip_prefix("sha256:").unwrap();
+    assert!(!w.join("blobs/sha256").join(hex).exists());
+    let leftovers: Vec<_> = std::fs::read_dir(w.join("blobs/sha256"))
+        .unwrap()
+        .chain(std::fs::read_dir(&templates).unwrap())
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    assert_eq!(store.list(), vec!["one", "pinned", "two"]);
+
+    // 6. A registry that wants credentials.
+    let locked = Registry::start(true);
+    let e = pull(
+        &opts,
+        &format!("{}/test/img:1", locked.host()),
+        &templates.join("locked"),
+        &ev.cb(),
+    )
+    .await;
+    assert!(matches!(e, Err(ImageError::Unauthorized(_))), "{e:?}");
+    let wrong = PullOptions {
+        credentials: Some(("nobody".into(), "wrong".into())),
+        ..opts.clone()
+    };
+    let e = pull(
+        &wrong,
+        &format!("{}/test/img:1", locked.host()),
+        &templates.join("locked"),
+        &ev.cb(),
+    )
+    .await;
+    assert!(matches!(e, Err(ImageError::Unauthorized(_))), "{e:?}");
+    assert!(!templates.join("locked").exists());
+}
