@@ -140,8 +140,108 @@ fn layer(entries: &[E]) -> (Vec<u8>, String) {
     (gz.finish().unwrap(), diff_id)
 }
 
-/// Writes an OCI layout with one image and pushes it as `test/<name>`.
-/// Returns the layer digests.
+/// An OCI layout under construction.
+struct Layout {
+    dir: PathBuf,
+}
+
+impl Layout {
+    fn new(work: &Path, name: &str) -> Layout {
+        let dir = work.join(format!("layout-{}", name.replace([':', '/'], "-")));
+        std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+        std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        Layout { dir }
+    }
+
+    fn put(&self, data: &[u8]) -> String {
+        let d = sha(data);
+        let hex = d.strip_prefix("sha256:").unwrap();
+        std::fs::write(self.dir.join("blobs/sha256").join(hex), data).unwrap();
+        d
+    }
+
+    /// An image manifest: its descriptor (for an index or index.json).
+    fn image(
+        &self,
+        arch: &str,
+        layers: &[&(Vec<u8>, String)],
+        config_extra: serde_json::Value,
+    ) -> serde_json::Value {
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": arch,
+            "os": "linux",
+            "config": config_extra,
+            "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| l.1.clone()).collect::<Vec<_>>()},
+        }))
+        .unwrap();
+        let config_digest = self.put(&config);
+        let descs: Vec<_> = layers
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": self.put(&l.0), "size": l.0.len(),
+                })
+            })
+            .collect();
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+            "layers": descs,
+        }))
+        .unwrap();
+        serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": self.put(&manifest), "size": manifest.len(),
+            "platform": {"os": "linux", "architecture": arch},
+        })
+    }
+
+    /// An image index over manifests: its descriptor.
+    fn index(&self, manifests: Vec<serde_json::Value>) -> serde_json::Value {
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": manifests,
+        }))
+        .unwrap();
+        serde_json::json!({
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": self.put(&index), "size": index.len(),
+        })
+    }
+
+    /// Tags `desc` in index.json and pushes it (all of an index) as `test/<name>`.
+    fn push(&self, reg: &Registry, mut desc: serde_json::Value, name: &str) {
+        desc["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": "t"});
+        std::fs::write(
+            self.dir.join("index.json"),
+            serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [desc]}))
+                .unwrap(),
+        )
+        .unwrap();
+        let out = Command::new("skopeo")
+            .args([
+                "--insecure-policy",
+                "copy",
+                "-q",
+                "--all",
+                "--dest-tls-verify=false",
+            ])
+            .arg(format!("oci:{}:t", self.dir.display()))
+            .arg(format!("docker://{}/test/{name}", reg.host()))
+            .output()
+            .expect("skopeo (scripts/deps.sh installs it)");
+        assert!(
+            out.status.success(),
+            "skopeo copy {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Pushes a one-image layout as `test/<name>`; returns its layer digests.
 fn push_image(
     reg: &Registry,
     work: &Path,
@@ -150,70 +250,10 @@ fn push_image(
     layers: &[&(Vec<u8>, String)],
     config_extra: serde_json::Value,
 ) -> Vec<String> {
-    let layout = work.join(format!("layout-{}", name.replace([':', '/'], "-")));
-    let blobs = layout.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let put = |data: &[u8]| -> String {
-        let d = sha(data);
-        std::fs::write(blobs.join(d.strip_prefix("sha256:").unwrap()), data).unwrap();
-        d
-    };
-    let config = serde_json::json!({
-        "architecture": arch,
-        "os": "linux",
-        "config": config_extra,
-        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| l.1.clone()).collect::<Vec<_>>()},
-    });
-    let config = serde_json::to_vec(&config).unwrap();
-    let config_digest = put(&config);
-    let mut descs = Vec::new();
-    let mut digests = Vec::new();
-    for (blob, _) in layers.iter().map(|l| (&l.0, &l.1)) {
-        let d = put(blob);
-        digests.push(d.clone());
-        descs.push(serde_json::json!({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-            "digest": d, "size": blob.len(),
-        }));
-    }
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
-        "layers": descs,
-    }))
-    .unwrap();
-    let manifest_digest = put(&manifest);
-    std::fs::write(
-        layout.join("oci-layout"),
-        r#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .unwrap();
-    std::fs::write(
-        layout.join("index.json"),
-        serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2,
-            "manifests": [{
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": manifest_digest, "size": manifest.len(),
-                "annotations": {"org.opencontainers.image.ref.name": "t"},
-            }],
-        }))
-        .unwrap(),
-    )
-    .unwrap();
-    let out = Command::new("skopeo")
-        .args(["--insecure-policy", "copy", "-q", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:t", layout.display()))
-        .arg(format!("docker://{}/test/{name}", reg.host()))
-        .output()
-        .expect("skopeo (scripts/deps.sh installs it)");
-    assert!(
-        out.status.success(),
-        "skopeo copy {name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    digests
+    let l = Layout::new(work, name);
+    let desc = l.image(arch, layers, config_extra);
+    l.push(reg, desc, name);
+    layers.iter().map(|l| sha(&l.0)).collect()
 }
 
 struct Events(Mutex<Vec<PullEvent>>);
@@ -306,6 +346,17 @@ async fn pull_from_a_real_registry() {
     );
     push_image(&reg, w, "arm:1", "arm64", &[&base], serde_json::json!({}));
     assert_eq!(l1[0], l2[0], "the base layer is shared");
+    let multi = Layout::new(w, "multi");
+    let arm = multi.image("arm64", &[&doomed], serde_json::json!({}));
+    let amd = multi.image("amd64", &[&base, &bash], serde_json::json!({}));
+    let amd_digest = amd["digest"].as_str().unwrap().to_string();
+    let idx = multi.index(vec![arm, amd]);
+    multi.push(&reg, idx, "multi:1");
+    let foreign = Layout::new(w, "foreign");
+    let arm = foreign.image("arm64", &[&base], serde_json::json!({}));
+    let s390 = foreign.image("s390x", &[&base], serde_json::json!({}));
+    let idx = foreign.index(vec![arm, s390]);
+    foreign.push(&reg, idx, "foreign:1");
 
     let templates = w.join("templates");
     let opts = PullOptions {
@@ -405,7 +456,30 @@ async fn pull_from_a_real_registry() {
     assert_eq!(pinned.digest, info.digest);
     assert!(downloaded(&ev.take()).is_empty(), "everything cached");
 
-    // 4. Unknown tag or repository; another platform; an existing destination.
+    // 4. An index: its linux/amd64 image; an index without one.
+    let m = pull(
+        &opts,
+        &format!("{host}/test/multi:1"),
+        &templates.join("multi"),
+        &ev.cb(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(m.digest, amd_digest);
+    assert!(templates.join("multi/rootfs/bin/bash").exists());
+    let e = pull(
+        &opts,
+        &format!("{host}/test/foreign:1"),
+        &templates.join("f"),
+        &ev.cb(),
+    )
+    .await;
+    assert!(
+        matches!(&e, Err(ImageError::Platform(m)) if m.contains("linux/arm64, linux/s390x")),
+        "{e:?}"
+    );
+
+    // 5. Unknown tag or repository; another platform; an existing destination.
     for r in ["test/img:nope", "test/nothing:1"] {
         let e = pull(
             &opts,
@@ -433,7 +507,7 @@ async fn pull_from_a_real_registry() {
     .await;
     assert!(matches!(e, Err(ImageError::Exists(_))), "{e:?}");
 
-    // 5. A layer corrupted in the registry: Digest error, nothing kept.
+    // 6. A layer corrupted in the registry: Digest error, nothing kept.
     let data = reg.blob_data(&l3[1]);
     let mut bytes = std::fs::read(&data).unwrap();
     let n = bytes.len();
@@ -461,9 +535,9 @@ async fn pull_from_a_real_registry() {
         .filter(|n| n.starts_with('.'))
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
-    assert_eq!(store.list(), vec!["one", "pinned", "two"]);
+    assert_eq!(store.list(), vec!["multi", "one", "pinned", "two"]);
 
-    // 6. A registry that wants credentials.
+    // 7. A registry that wants credentials.
     let locked = Registry::start(true);
     let e = pull(
         &opts,

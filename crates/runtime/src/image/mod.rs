@@ -176,6 +176,8 @@ fn client_for(r: &Reference) -> Client {
 }
 
 const PLATFORM_OS: &str = "linux";
+/// An image config is a small JSON document; it is read into memory.
+const MAX_CONFIG_BYTES: i64 = 8 << 20;
 const PLATFORM_ARCH: &str = "amd64";
 
 /// The manifest for linux/amd64 (from an index, or the image itself).
@@ -440,6 +442,12 @@ pub async fn pull(
 
     // The config: small, verified by oci-client against its digest.
     sha256_hex(&manifest.config.digest)?;
+    if !(0..=MAX_CONFIG_BYTES).contains(&manifest.config.size) {
+        return Err(ImageError::Registry(format!(
+            "image config of {} bytes (at most {MAX_CONFIG_BYTES})",
+            manifest.config.size
+        )));
+    }
     let mut raw = Vec::new();
     client
         .pull_blob(&r, &manifest.config, &mut raw)
