@@ -100,6 +100,8 @@ enum E<'a> {
     Dir(&'a str, u64),
     File(&'a str, &'a str, u64),
     Symlink(&'a str, &'a str),
+    /// A file whose name is written raw (the tar crate refuses `..`).
+    Raw(&'a str, &'a str),
 }
 
 /// A gzip layer: (blob, diff_id).
@@ -130,6 +132,15 @@ fn layer(entries: &[E]) -> (Vec<u8>, String) {
                 h.set_mode(0o777);
                 h.set_size(0);
                 b.append_link(&mut h, p, t).unwrap();
+            }
+            E::Raw(p, d) => {
+                let mut h = tar::Header::new_ustar();
+                h.as_old_mut().name[..p.len()].copy_from_slice(p.as_bytes());
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(0o644);
+                h.set_size(d.len() as u64);
+                h.set_cksum();
+                b.append(&h, d.as_bytes()).unwrap();
             }
         }
     }
@@ -345,6 +356,15 @@ async fn pull_from_a_real_registry() {
         serde_json::json!({}),
     );
     push_image(&reg, w, "arm:1", "arm64", &[&base], serde_json::json!({}));
+    let escape = layer(&[E::Raw("../../escaped", "pwn\n")]);
+    push_image(
+        &reg,
+        w,
+        "escape:1",
+        "amd64",
+        &[&base, &escape],
+        serde_json::json!({}),
+    );
     assert_eq!(l1[0], l2[0], "the base layer is shared");
     let multi = Layout::new(w, "multi");
     let arm = multi.image("arm64", &[&doomed], serde_json::json!({}));
@@ -506,6 +526,20 @@ async fn pull_from_a_real_registry() {
     )
     .await;
     assert!(matches!(e, Err(ImageError::Exists(_))), "{e:?}");
+    // A hostile layer: refused, nothing written outside, nothing left.
+    let e = pull(
+        &opts,
+        &format!("{host}/test/escape:1"),
+        &templates.join("esc"),
+        &ev.cb(),
+    )
+    .await;
+    assert!(
+        matches!(&e, Err(ImageError::Layer(m)) if m.contains("..")),
+        "{e:?}"
+    );
+    assert!(!templates.join("esc").exists() && !w.join("escaped").exists());
+    assert!(!templates.join("escaped").exists());
 
     // 6. A layer corrupted in the registry: Digest error, nothing kept.
     let data = reg.blob_data(&l3[1]);

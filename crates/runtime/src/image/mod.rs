@@ -54,6 +54,12 @@ pub enum PullEvent {
     LayerCached { digest: String, size: u64 },
     /// A layer download started (`size` from the manifest).
     LayerDownloading { digest: String, size: u64 },
+    /// Bytes of a layer downloaded so far (about every MiB).
+    LayerProgress {
+        digest: String,
+        done: u64,
+        size: u64,
+    },
     /// A layer was fetched and verified.
     LayerDownloaded { digest: String, size: u64 },
     /// A layer is being applied to the rootfs (in order).
@@ -244,9 +250,49 @@ pub fn blob_path(blob_dir: &Path, digest: &str) -> Result<PathBuf, ImageError> {
     Ok(blob_dir.join("sha256").join(sha256_hex(digest)?))
 }
 
+/// A path removed on drop unless kept: a download or staging tree that a
+/// failed (or cancelled: the future dropped) pull leaves behind.
+struct Cleanup {
+    path: Option<PathBuf>,
+    dir: bool,
+}
+
+impl Cleanup {
+    fn file(p: &Path) -> Self {
+        Cleanup {
+            path: Some(p.to_path_buf()),
+            dir: false,
+        }
+    }
+    fn dir(p: &Path) -> Self {
+        Cleanup {
+            path: Some(p.to_path_buf()),
+            dir: true,
+        }
+    }
+    fn keep(mut self) {
+        self.path = None;
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(p) = self.path.take() {
+            let _ = if self.dir {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+        }
+    }
+}
+
+/// How often (bytes) a download reports `LayerProgress`.
+const PROGRESS_STEP: u64 = 1 << 20;
+
 /// Make sure a blob is in the store: fetched to a temp file next to its
 /// place, hashed while it streams, renamed into place if (and only if) the
-/// digest matches. Returns true if it had to be fetched.
+/// digest (and the size the manifest gives) match.
 async fn fetch_blob(
     client: &Client,
     r: &Reference,
@@ -257,83 +303,86 @@ async fn fetch_blob(
     let hex = sha256_hex(&desc.digest)?.to_string();
     let dir = blob_dir.join("sha256");
     let dest = dir.join(&hex);
-    let size = desc.size.max(0) as u64;
+    let digest = desc.digest.clone();
+    let size = u64::try_from(desc.size)
+        .map_err(|_| ImageError::Registry(format!("{digest}: negative size")))?;
     if dest.exists() {
-        progress(PullEvent::LayerCached {
-            digest: desc.digest.clone(),
-            size,
-        });
+        progress(PullEvent::LayerCached { digest, size });
         return Ok(dest);
     }
     tokio::fs::create_dir_all(&dir)
         .await
         .map_err(|e| ImageError::Io(format!("create {}: {e}", dir.display())))?;
     progress(PullEvent::LayerDownloading {
-        digest: desc.digest.clone(),
+        digest: digest.clone(),
         size,
     });
     let tmp = dir.join(format!(".tmp-{hex}-{:016x}", rand::random::<u64>()));
-    let result = async {
-        let mut file = tokio::fs::File::create(&tmp)
-            .await
-            .map_err(|e| ImageError::Io(format!("create {}: {e}", tmp.display())))?;
-        let mut stream = client
-            .pull_blob_stream(r, desc)
-            .await
-            .map_err(|e| map_registry(&desc.digest, e))?
-            .stream;
-        let mut hasher = Sha256::new();
-        let mut got: u64 = 0;
-        use futures_util::StreamExt;
-        while let Some(chunk) = stream.next().await {
-            let chunk = match chunk {
-                Ok(c) => c,
-                // oci-client verifies too and fails at the end on a
-                // mismatch: our own hash below names the digest.
-                Err(e)
-                    if e.get_ref()
-                        .is_some_and(|i| i.is::<oci_client::errors::DigestError>()) =>
-                {
-                    break
-                }
-                Err(e) => return Err(ImageError::Registry(format!("{}: {e}", desc.digest))),
-            };
-            hasher.update(&chunk);
-            got += chunk.len() as u64;
-            file.write_all(&chunk)
-                .await
-                .map_err(|e| ImageError::Io(format!("write {}: {e}", tmp.display())))?;
-        }
-        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
-        if actual != desc.digest {
+    let mut file = tokio::fs::File::create(&tmp)
+        .await
+        .map_err(|e| ImageError::Io(format!("create {}: {e}", tmp.display())))?;
+    let guard = Cleanup::file(&tmp);
+    let mut stream = client
+        .pull_blob_stream(r, desc)
+        .await
+        .map_err(|e| map_registry(&digest, e))?
+        .stream;
+    let mut hasher = Sha256::new();
+    let mut got: u64 = 0;
+    let mut reported: u64 = 0;
+    use futures_util::StreamExt;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            // oci-client verifies too and fails at the end on a mismatch:
+            // our own hash below names the digest.
+            Err(e)
+                if e.get_ref()
+                    .is_some_and(|i| i.is::<oci_client::errors::DigestError>()) =>
+            {
+                break
+            }
+            Err(e) => return Err(ImageError::Registry(format!("{digest}: {e}"))),
+        };
+        got += chunk.len() as u64;
+        if got > size {
             return Err(ImageError::Digest {
-                digest: desc.digest.clone(),
-                actual,
+                digest,
+                actual: format!("more than the {size} bytes the manifest gives"),
             });
         }
-        if desc.size >= 0 && got != desc.size as u64 {
-            return Err(ImageError::Digest {
-                digest: desc.digest.clone(),
-                actual: format!("{got} bytes instead of {}", desc.size),
+        hasher.update(&chunk);
+        file.write_all(&chunk)
+            .await
+            .map_err(|e| ImageError::Io(format!("write {}: {e}", tmp.display())))?;
+        if got - reported >= PROGRESS_STEP {
+            reported = got;
+            progress(PullEvent::LayerProgress {
+                digest: digest.clone(),
+                done: got,
+                size,
             });
         }
-        file.sync_all()
-            .await
-            .map_err(|e| ImageError::Io(format!("sync {}: {e}", tmp.display())))?;
-        tokio::fs::rename(&tmp, &dest)
-            .await
-            .map_err(|e| ImageError::Io(format!("rename {}: {e}", dest.display())))?;
-        Ok(())
     }
-    .await;
-    if let Err(e) = result {
-        let _ = tokio::fs::remove_file(&tmp).await;
-        return Err(e);
+    let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+    if actual != digest {
+        return Err(ImageError::Digest { digest, actual });
     }
-    progress(PullEvent::LayerDownloaded {
-        digest: desc.digest.clone(),
-        size,
-    });
+    if got != size {
+        return Err(ImageError::Digest {
+            digest,
+            actual: format!("{got} bytes instead of {size}"),
+        });
+    }
+    file.sync_all()
+        .await
+        .map_err(|e| ImageError::Io(format!("sync {}: {e}", tmp.display())))?;
+    drop(file);
+    tokio::fs::rename(&tmp, &dest)
+        .await
+        .map_err(|e| ImageError::Io(format!("rename {}: {e}", dest.display())))?;
+    guard.keep();
+    progress(PullEvent::LayerDownloaded { digest, size });
     Ok(dest)
 }
 
@@ -472,43 +521,27 @@ pub async fn pull(
         .await
         .map_err(|e| ImageError::Io(format!("create {}: {e}", parent.display())))?;
     let staging = parent.join(format!(".{name}.tmp-{:016x}", rand::random::<u64>()));
-    let layers: Vec<(String, PathBuf)> = manifest
-        .layers
-        .iter()
-        .map(|l| l.digest.clone())
-        .zip(blobs)
-        .collect();
-    let shift = opts.uid_shift;
-    let staged = staging.clone();
-    let progress_ptr: &(dyn Fn(PullEvent) + Send + Sync) = progress;
-    let unpacked = {
-        // Unpacking is blocking file work; the progress callback is only
-        // borrowed, so run it on this task with block_in_place when the
-        // runtime allows, else inline.
-        let work = || -> Result<(), ImageError> {
-            let rootfs = staged.join("rootfs");
-            std::fs::create_dir_all(&rootfs)
-                .map_err(|e| ImageError::Io(format!("create {}: {e}", rootfs.display())))?;
-            let u = unpack::Unpacker::new(&rootfs, Some(shift))?;
-            for (digest, blob) in &layers {
-                progress_ptr(PullEvent::LayerUnpacking {
-                    digest: digest.clone(),
-                });
-                u.apply(layer_reader(blob)?)
-                    .map_err(|e| ImageError::Layer(format!("{digest}: {e}")))?;
-            }
-            Ok(())
-        };
-        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
-            _ => work(),
-        }
-    };
-    if let Err(e) = unpacked {
-        let _ = std::fs::remove_dir_all(&staging);
-        return Err(e);
-    }
+    let staging_guard = Cleanup::dir(&staging);
     let rootfs = staging.join("rootfs");
+    let unpack_all = || -> Result<(), ImageError> {
+        std::fs::create_dir_all(&rootfs)
+            .map_err(|e| ImageError::Io(format!("create {}: {e}", rootfs.display())))?;
+        let u = unpack::Unpacker::new(&rootfs, Some(opts.uid_shift))?;
+        for (layer, blob) in manifest.layers.iter().zip(&blobs) {
+            progress(PullEvent::LayerUnpacking {
+                digest: layer.digest.clone(),
+            });
+            u.apply(layer_reader(blob)?)
+                .map_err(|e| ImageError::Layer(format!("{}: {e}", layer.digest)))?;
+        }
+        Ok(())
+    };
+    // Blocking file work: off the async workers where the runtime allows
+    // (the callback is only borrowed, so not spawn_blocking).
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(unpack_all)?,
+        _ => unpack_all()?,
+    }
     let shell = if std::fs::symlink_metadata(rootfs.join("bin/bash")).is_ok()
         || std::fs::symlink_metadata(rootfs.join("usr/bin/bash")).is_ok()
     {
@@ -530,39 +563,45 @@ pub async fn pull(
         entrypoint: cfg.entrypoint().clone().unwrap_or_default(),
         cmd: cfg.cmd().clone().unwrap_or_default(),
     };
-    let finish = || -> Result<(), ImageError> {
-        let io = |what: &str, p: &Path, e: std::io::Error| {
-            ImageError::Io(format!("{what} {}: {e}", p.display()))
-        };
-        std::fs::set_permissions(
-            &staging,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .map_err(|e| io("chmod", &staging, e))?;
-        std::fs::rename(&staging, dest).map_err(|e| io("rename", dest, e))?;
-        let m = TemplateManifest {
-            name: &name,
-            source: "oci",
-            uid_shift: shift,
-            shell,
-            size_mb: size_bytes.div_ceil(1 << 20),
-            env: &info.env,
-            workdir: info.workdir.as_deref(),
-            user: info.user.as_deref(),
-            image: &info,
-        };
-        let json = serde_json::to_vec_pretty(&m).map_err(|e| ImageError::Io(e.to_string()))?;
-        let tmp = dest.join(".template.json.tmp");
-        std::fs::write(&tmp, json).map_err(|e| io("write", &tmp, e))?;
-        let manifest_path = dest.join("template.json");
-        std::fs::rename(&tmp, &manifest_path).map_err(|e| io("rename", &manifest_path, e))?;
-        Ok(())
+    let io = |what: &str, p: &Path, e: std::io::Error| {
+        ImageError::Io(format!("{what} {}: {e}", p.display()))
     };
-    if let Err(e) = finish() {
-        let _ = std::fs::remove_dir_all(&staging);
-        let _ = std::fs::remove_dir_all(dest);
-        return Err(e);
+    std::fs::set_permissions(
+        &staging,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .map_err(|e| io("chmod", &staging, e))?;
+    // NOREPLACE: a destination that appeared meanwhile is not replaced (a
+    // plain rename would replace an empty directory).
+    match rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        &staging,
+        rustix::fs::CWD,
+        dest,
+        rustix::fs::RenameFlags::NOREPLACE,
+    ) {
+        Ok(()) => staging_guard.keep(),
+        Err(rustix::io::Errno::EXIST) => return Err(ImageError::Exists(dest.to_path_buf())),
+        Err(e) => return Err(io("rename", dest, e.into())),
     }
+    let dest_guard = Cleanup::dir(dest);
+    let m = TemplateManifest {
+        name: &name,
+        source: "oci",
+        uid_shift: opts.uid_shift,
+        shell,
+        size_mb: size_bytes.div_ceil(1 << 20),
+        env: &info.env,
+        workdir: info.workdir.as_deref(),
+        user: info.user.as_deref(),
+        image: &info,
+    };
+    let json = serde_json::to_vec_pretty(&m).map_err(|e| ImageError::Io(e.to_string()))?;
+    let tmp = dest.join(".template.json.tmp");
+    std::fs::write(&tmp, json).map_err(|e| io("write", &tmp, e))?;
+    let manifest_path = dest.join("template.json");
+    std::fs::rename(&tmp, &manifest_path).map_err(|e| io("rename", &manifest_path, e))?;
+    dest_guard.keep();
     progress(PullEvent::Done { size_bytes });
     Ok(info)
 }
