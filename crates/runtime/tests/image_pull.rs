@@ -571,6 +571,17 @@ async fn pull_from_a_real_registry() {
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     assert_eq!(store.list(), vec!["multi", "one", "pinned", "two"]);
 
+    // Garbage collection keeps what templates use: here the escape layer
+    // (verified, kept by its failed pull) goes.
+    let in_use = l1.iter().chain(&l2).cloned().collect();
+    let freed = sandforge_runtime::image::remove_unused_blobs(&opts.blob_dir, &in_use).unwrap();
+    assert_eq!(freed, escape.0.len() as u64);
+    for d in l1.iter().chain(&l2) {
+        assert!(sandforge_runtime::image::blob_path(&opts.blob_dir, d)
+            .unwrap()
+            .is_file());
+    }
+
     // 7. A registry that wants credentials.
     let locked = Registry::start(true);
     let e = pull(

@@ -250,6 +250,44 @@ pub fn blob_path(blob_dir: &Path, digest: &str) -> Result<PathBuf, ImageError> {
     Ok(blob_dir.join("sha256").join(sha256_hex(digest)?))
 }
 
+/// Remove the blobs of `blob_dir` whose digest (`sha256:<hex>`) is not in
+/// `in_use`; returns the bytes freed. Temporary files of downloads in flight
+/// are left alone, but a pull may just have found a blob it is about to
+/// unpack: the caller runs this when no pull runs (or under the same lock).
+pub fn remove_unused_blobs(
+    blob_dir: &Path,
+    in_use: &std::collections::HashSet<String>,
+) -> Result<u64, ImageError> {
+    let dir = blob_dir.join("sha256");
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(ImageError::Io(format!("read {}: {e}", dir.display()))),
+    };
+    let mut freed = 0;
+    for ent in rd.flatten() {
+        let Some(name) = ent.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        let digest = format!("sha256:{name}");
+        if sha256_hex(&digest).is_err() || in_use.contains(&digest) {
+            continue;
+        }
+        let len = ent.metadata().map(|m| m.len()).unwrap_or(0);
+        match std::fs::remove_file(ent.path()) {
+            Ok(()) => freed += len,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(ImageError::Io(format!(
+                    "remove {}: {e}",
+                    ent.path().display()
+                )))
+            }
+        }
+    }
+    Ok(freed)
+}
+
 /// A path removed on drop unless kept: a download or staging tree that a
 /// failed (or cancelled: the future dropped) pull leaves behind.
 struct Cleanup {
@@ -620,6 +658,25 @@ mod tests {
         assert_eq!(cfg.env().clone().unwrap(), vec!["A=1".to_string()]);
         assert_eq!(cfg.working_dir().as_deref(), Some("/w"));
         assert!(parse_config(b"[]").is_err());
+    }
+
+    #[test]
+    fn unused_blobs_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("sha256");
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = ("a".repeat(64), "b".repeat(64));
+        for n in [a.as_str(), b.as_str(), ".tmp-x", "notes"] {
+            std::fs::write(dir.join(n), "12345").unwrap();
+        }
+        let keep = [format!("sha256:{a}")].into_iter().collect();
+        assert_eq!(remove_unused_blobs(d.path(), &keep).unwrap(), 5);
+        assert!(dir.join(&a).exists() && !dir.join(&b).exists());
+        assert!(dir.join(".tmp-x").exists() && dir.join("notes").exists());
+        assert_eq!(
+            remove_unused_blobs(&d.path().join("none"), &keep).unwrap(),
+            0
+        );
     }
 
     #[test]
