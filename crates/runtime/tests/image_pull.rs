@@ -606,3 +606,93 @@ async fn pull_from_a_real_registry() {
     assert!(matches!(e, Err(ImageError::Unauthorized(_))), "{e:?}");
     assert!(!templates.join("locked").exists());
 }
+
+/// The default template as a one-layer image, pushed and pulled; prints the
+/// pull's time next to `skopeo copy` of the same image to an OCI layout
+/// (issue 12's benchmark bound is 1.5x). Slow (~550 MB): run by hand with
+/// `cargo test -p sandforge-runtime --test image_pull -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn pull_the_default_template() {
+    let src = Path::new("/var/cache/sandforge/templates/default/rootfs");
+    if !rustix::process::geteuid().is_root() || !src.join("bin").exists() {
+        eprintln!("skipping: needs root and the default template (scripts/deps.sh)");
+        return;
+    }
+    let reg = Registry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    // Owners unshifted back to what an image would carry.
+    let tar = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "tar --numeric-owner --owner=0 --group=0 -C {} -cf - . | gzip -1",
+            src.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(tar.status.success());
+    let blob = tar.stdout;
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&blob[..]), &mut raw).unwrap();
+    let big = (blob, sha(&raw));
+    drop(raw);
+    push_image(
+        &reg,
+        w,
+        "default:1",
+        "amd64",
+        &[&big],
+        serde_json::json!({"Env": ["PATH=/usr/bin:/bin"]}),
+    );
+    let opts = PullOptions {
+        blob_dir: w.join("blobs"),
+        uid_shift: 100000,
+        credentials: None,
+    };
+    let t = Instant::now();
+    let info = pull(
+        &opts,
+        &format!("{}/test/default:1", reg.host()),
+        &w.join("templates/default"),
+        &|_| {},
+    )
+    .await
+    .unwrap();
+    let ours = t.elapsed();
+    let t = Instant::now();
+    let out = Command::new("skopeo")
+        .args(["--insecure-policy", "copy", "-q", "--src-tls-verify=false"])
+        .arg(format!("docker://{}/test/default:1", reg.host()))
+        .arg(format!("oci:{}:t", w.join("skopeo").display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let skopeo = t.elapsed();
+    eprintln!(
+        "pull of {} MB (compressed {} MB): {ours:?}; skopeo copy to a layout: {skopeo:?}",
+        info.size_bytes >> 20,
+        info.layers_bytes >> 20
+    );
+    let root = w.join("templates/default/rootfs");
+    for p in [
+        "bin/bash",
+        "usr/bin/python3",
+        "etc/passwd",
+        "usr/lib/x86_64-linux-gnu",
+    ] {
+        assert!(std::fs::symlink_metadata(root.join(p)).is_ok(), "{p}");
+    }
+    assert_eq!(
+        std::fs::read_link(root.join("bin")).ok(),
+        std::fs::read_link(src.join("bin")).ok()
+    );
+    let t = TemplateStore::new(w.join("templates"))
+        .get("default")
+        .unwrap();
+    assert_eq!(t.shell, "/bin/bash");
+}
