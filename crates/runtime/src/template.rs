@@ -19,6 +19,13 @@ pub struct Template {
     /// Host uid/gid that is root inside (the ownership shift of the rootfs).
     pub uid_shift: u32,
     pub shell: String,
+    /// Environment (`KEY=value`) from the image config; empty for a built
+    /// template.
+    pub env: Vec<String>,
+    /// Working directory from the image config.
+    pub workdir: Option<String>,
+    /// Default user from the image config (`name`, `uid`, `uid:gid`).
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -27,6 +34,12 @@ struct Manifest {
     uid_shift: u32,
     #[serde(default = "default_shell")]
     shell: String,
+    #[serde(default)]
+    env: Vec<String>,
+    #[serde(default)]
+    workdir: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
 }
 
 fn default_shell() -> String {
@@ -103,6 +116,9 @@ impl TemplateStore {
             rootfs,
             uid_shift: m.uid_shift,
             shell: m.shell,
+            env: m.env,
+            workdir: m.workdir,
+            user: m.user,
         })
     }
 
@@ -153,6 +169,18 @@ mod tests {
         let store = TemplateStore::new(&d);
         let t = store.get("good").unwrap();
         assert_eq!((t.uid_shift, t.shell.as_str()), (100000, "/bin/bash"));
+        assert!(t.env.is_empty() && t.workdir.is_none() && t.user.is_none());
+        std::fs::create_dir_all(d.join("img/rootfs/bin")).unwrap();
+        std::fs::write(
+            d.join("img/template.json"),
+            r#"{"uid_shift":100000,"shell":"/bin/sh","env":["A=1"],"workdir":"/app","user":"1000","image":{}}"#,
+        )
+        .unwrap();
+        let t = store.get("img").unwrap();
+        assert_eq!(
+            (t.env, t.workdir.as_deref(), t.user.as_deref()),
+            (vec!["A=1".to_string()], Some("/app"), Some("1000"))
+        );
         assert!(matches!(
             store.get("half"),
             Err(RuntimeError::TemplateNotFound(_))
@@ -161,7 +189,7 @@ mod tests {
             store.get("../etc"),
             Err(RuntimeError::TemplateNotFound(_))
         ));
-        assert_eq!(store.list(), vec!["good".to_string()]);
+        assert_eq!(store.list(), vec!["good".to_string(), "img".to_string()]);
         std::fs::remove_dir_all(d).unwrap();
     }
 

@@ -181,6 +181,15 @@ impl Controller {
             .insert(id.to_string(), client);
     }
 
+    /// The working directory a template's image names (`WorkingDir`).
+    pub(crate) fn template_workdir(&self, template: &str) -> Option<String> {
+        self.templates
+            .get(template)
+            .ok()
+            .and_then(|t| t.workdir)
+            .filter(|w| w.starts_with('/'))
+    }
+
     /// The login shell of a template, when it names one.
     pub(crate) fn template_shell(&self, template: &str) -> Option<String> {
         self.templates.get(template).ok().map(|t| t.shell)
@@ -345,7 +354,14 @@ impl Controller {
                     .map(|t| chrono::Utc::now().timestamp() + t as i64),
                 mounts: v.mounts.clone(),
                 resolved_host_paths: resolved,
-                env: v.env.clone(),
+                // The image's `Env` under the request's.
+                env: template
+                    .env
+                    .iter()
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .chain(v.env.clone())
+                    .collect(),
                 metadata: v.metadata.clone(),
             },
             created_at: ts.clone(),
@@ -480,6 +496,9 @@ impl Controller {
                     rootfs: PathBuf::new(),
                     uid_shift: 0,
                     shell: String::new(),
+                    env: Vec::new(),
+                    workdir: None,
+                    user: None,
                 },
             )
         });

@@ -108,7 +108,10 @@ impl Controller {
     ) -> Result<Template, ApiError> {
         let (name, source) = req.validate()?;
         let TemplateSource::Image { reference } = source.clone() else {
-            return Err(ApiError::bad_request("source", "only image sources can be built"));
+            return Err(ApiError::bad_request(
+                "source",
+                "only image sources can be built",
+            ));
         };
         sandforge_runtime::image::parse_reference(&reference)
             .map_err(|e| ApiError::bad_request("image", e))?;
@@ -165,7 +168,9 @@ impl Controller {
         };
         let outcome = match result {
             Ok(info) => {
-                write(serde_json::json!({"event": "ready", "size_bytes": info.size_bytes, "digest": info.digest}));
+                write(
+                    serde_json::json!({"event": "ready", "size_bytes": info.size_bytes, "digest": info.digest}),
+                );
                 self.db
                     .set_template_status(id, TemplateStatus::Ready, None, info.size_bytes)
             }
@@ -184,7 +189,11 @@ impl Controller {
 
     /// The build log of a template of `org` (ndjson lines) and whether it
     /// is still building.
-    pub fn template_log(&self, org: &str, given: &str) -> Result<(String, Vec<u8>, bool), ApiError> {
+    pub fn template_log(
+        &self,
+        org: &str,
+        given: &str,
+    ) -> Result<(String, Vec<u8>, bool), ApiError> {
         let row = self.template_row(org, given)?;
         let log = std::fs::read(self.build_log(&row.id)).unwrap_or_default();
         Ok((row.id.clone(), log, row.status == TemplateStatus::Building))
@@ -321,7 +330,11 @@ impl Controller {
     }
 
     /// `DELETE` then the blobs' garbage collection.
-    pub async fn delete_template_and_collect(&self, org: &str, given: &str) -> Result<(), ApiError> {
+    pub async fn delete_template_and_collect(
+        &self,
+        org: &str,
+        given: &str,
+    ) -> Result<(), ApiError> {
         self.delete_template(org, given)?;
         self.collect_blobs().await;
         Ok(())
@@ -400,7 +413,9 @@ fn event_json(e: &PullEvent) -> serde_json::Value {
         PullEvent::LayerDownloaded { digest, size } => {
             json!({"event": "layer_downloaded", "digest": digest, "size": size})
         }
-        PullEvent::LayerUnpacking { digest } => json!({"event": "layer_unpacking", "digest": digest}),
+        PullEvent::LayerUnpacking { digest } => {
+            json!({"event": "layer_unpacking", "digest": digest})
+        }
         PullEvent::Done { size_bytes } => json!({"event": "done", "size_bytes": size_bytes}),
     }
 }

@@ -63,9 +63,8 @@ pub async fn logs(
     let (_, first, building) = st.controller.template_log(&caller.org, &id)?;
     let org = caller.org.clone();
     let state = (st, org, id, first.len(), building, Some(first));
-    let stream = futures_util::stream::unfold(
-        state,
-        |(st, org, id, sent, building, pending)| async move {
+    let stream =
+        futures_util::stream::unfold(state, |(st, org, id, sent, building, pending)| async move {
             if let Some(p) = pending {
                 return Some((
                     Ok::<_, std::io::Error>(Bytes::from(p)),
@@ -89,8 +88,7 @@ pub async fn logs(
                     return None;
                 }
             }
-        },
-    );
+        });
     Ok((
         [
             (header::CONTENT_TYPE, "application/x-ndjson"),
