@@ -18,7 +18,8 @@ if ! command -v cargo >/dev/null; then
 fi
 
 PKGS=(runc debootstrap sqlite3 file iproute2 util-linux python3 ca-certificates qemu-system-x86 qemu-utils e2fsprogs kmod lz4 curl
-      libseccomp-dev libcap-ng-dev pkg-config nftables tmux shellcheck)
+      libseccomp-dev libcap-ng-dev pkg-config nftables tmux shellcheck
+      docker-registry skopeo busybox-static)
 missing_pkgs() {
   local p
   for p in "${PKGS[@]}"; do

@@ -9,6 +9,7 @@
 
 pub mod bench;
 
+pub mod oci;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -11,6 +11,7 @@ pub mod exec;
 pub mod lifecycle;
 pub mod network;
 pub mod sandbox;
+pub mod template;
 
 pub use error::{ErrorBody, ErrorDetail};
 pub use exec::{ExecEvent, ExecRequest, ExecResponse, ExecuteRequest, ExecuteResponse};
@@ -19,6 +20,7 @@ pub use network::{Cidr, Egress, EgressMode, Network, NetworkPolicy, PatchSandbox
 pub use sandbox::{
     CreateSandbox, DeleteResponse, Health, Isolation, Mount, Sandbox, SandboxStatus,
 };
+pub use template::{CreateTemplate, Template, TemplateSource, TemplateStatus};
 
 /// A validation failure: the offending field and why.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

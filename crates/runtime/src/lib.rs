@@ -13,6 +13,7 @@ pub mod console;
 pub mod container;
 pub mod error;
 pub mod hostpath;
+pub mod image;
 pub mod microvm;
 pub mod network;
 pub mod snapshot;

@@ -70,7 +70,8 @@ impl Controller {
         accel: Option<&str>,
         network: Option<Arc<sandforge_runtime::network::Network>>,
     ) -> Self {
-        let templates = TemplateStore::new(&cfg.template_dir);
+        let templates =
+            TemplateStore::new(&cfg.template_dir).with_own(cfg.state_dir.join("templates"));
         let backends: HashMap<&'static str, Arc<dyn Backend>> = backends
             .into_iter()
             .map(|b| (b.isolation().as_str(), b))
@@ -178,6 +179,15 @@ impl Controller {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.to_string(), client);
+    }
+
+    /// The working directory a template's image names (`WorkingDir`).
+    pub(crate) fn template_workdir(&self, template: &str) -> Option<String> {
+        self.templates
+            .get(template)
+            .ok()
+            .and_then(|t| t.workdir)
+            .filter(|w| w.starts_with('/'))
     }
 
     /// The login shell of a template, when it names one.
@@ -297,7 +307,20 @@ impl Controller {
         let v = req.validate()?;
         let isolation = v.isolation.unwrap_or(self.default_isolation);
         let backend = self.backend(isolation)?;
-        let template = self.templates.get(&v.template)?;
+        let stored = self.resolve_template(org, &v.template)?;
+        let template = self.templates.get(&stored)?;
+        if isolation == Isolation::Microvm
+            && !sandforge_runtime::microvm::base_image(&template).exists()
+        {
+            return Err(ApiError::conflict(
+                "template_unsupported",
+                format!(
+                    "template '{}' has no microVM image yet (pulled templates run as containers in this version)",
+                    v.template
+                ),
+            )
+            .field("isolation"));
+        }
         let disk_mb = self.disk_size(isolation, &v, &template)?;
         let resolved = self.resolve_mounts(&v)?;
         let (network, egress) = self.net_choice(&v, egress_field)?;
@@ -317,7 +340,7 @@ impl Controller {
                 } else {
                     None
                 },
-                template: v.template.clone(),
+                template: stored,
                 cpus: v.cpus,
                 memory_mb: v.memory_mb,
                 disk_mb,
@@ -331,7 +354,14 @@ impl Controller {
                     .map(|t| chrono::Utc::now().timestamp() + t as i64),
                 mounts: v.mounts.clone(),
                 resolved_host_paths: resolved,
-                env: v.env.clone(),
+                // The image's `Env` under the request's.
+                env: template
+                    .env
+                    .iter()
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .chain(v.env.clone())
+                    .collect(),
                 metadata: v.metadata.clone(),
             },
             created_at: ts.clone(),
@@ -466,6 +496,9 @@ impl Controller {
                     rootfs: PathBuf::new(),
                     uid_shift: 0,
                     shell: String::new(),
+                    env: Vec::new(),
+                    workdir: None,
+                    user: None,
                 },
             )
         });

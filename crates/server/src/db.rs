@@ -11,8 +11,10 @@
 
 mod publish;
 mod snapshots;
+mod templates;
 pub use publish::{PublishRule, Taken};
 pub use snapshots::SnapshotRow;
+pub use templates::{TemplateRefused, TemplateRow};
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -91,9 +93,27 @@ CREATE UNIQUE INDEX sandboxes_live_slot ON sandboxes(net_slot)
  WHERE status != 'destroyed' AND net_slot IS NOT NULL;
 ";
 
+/// Migration 3: templates as rows (issue 12). `org` NULL: a built-in
+/// template of the host, seen by every organization. A name is unique per
+/// organization; the uniqueness against built-in names is checked by the
+/// insert's transaction.
+const TEMPLATES: &str = "
+CREATE TABLE templates (
+    id TEXT PRIMARY KEY,
+    org TEXT,
+    name TEXT NOT NULL,
+    source TEXT NOT NULL,
+    status TEXT NOT NULL,
+    status_reason TEXT,
+    size_bytes INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL
+);
+CREATE UNIQUE INDEX templates_org_name ON templates(ifnull(org, ''), name);
+";
+
 fn migrations() -> rusqlite_migration::Migrations<'static> {
     use rusqlite_migration::M;
-    rusqlite_migration::Migrations::new(vec![M::up(SCHEMA), M::up(LIVE_UNIQUE)])
+    rusqlite_migration::Migrations::new(vec![M::up(SCHEMA), M::up(LIVE_UNIQUE), M::up(TEMPLATES)])
 }
 
 /// What a new sandbox must satisfy to be inserted.
@@ -168,7 +188,7 @@ pub struct Db {
     conn: Mutex<Connection>,
 }
 
-fn db_err(e: rusqlite::Error) -> ServerError {
+pub(crate) fn db_err(e: rusqlite::Error) -> ServerError {
     ServerError::Db(e.to_string())
 }
 

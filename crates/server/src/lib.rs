@@ -25,6 +25,7 @@ mod reconcile;
 mod routes;
 mod sessions;
 mod snapshots;
+mod templates;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -399,6 +400,12 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServerError> {
         .await
         .map_err(|e| ServerError::Startup(format!("listen: {}: {e}", cfg.listen)))?;
     let controller = Arc::new(Controller::new(cfg.clone(), db, backends, accel, net));
+    controller
+        .register_builtin_templates()
+        .map_err(|e| ServerError::Startup(format!("registering templates: {}", e.message)))?;
+    controller
+        .recover_templates()
+        .map_err(|e| ServerError::Startup(format!("recovering templates: {}", e.message)))?;
     controller
         .reconcile()
         .await

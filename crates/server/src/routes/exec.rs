@@ -42,7 +42,10 @@ async fn prepare(
     let req = AgentExec {
         argv: v.argv.clone(),
         env,
-        cwd: v.cwd.clone(),
+        cwd: v
+            .cwd
+            .clone()
+            .or_else(|| st.controller.template_workdir(&row.spec.template)),
         timeout_ms: v.timeout_seconds * 1000,
         stdin: v.stdin.clone(),
     };

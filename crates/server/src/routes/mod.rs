@@ -10,6 +10,7 @@ mod files;
 mod health;
 mod ports;
 mod sandboxes;
+mod templates;
 mod terminal;
 
 use axum::routing::{any, get, post};
@@ -27,6 +28,12 @@ fn api() -> Router<AppState> {
                 .patch(sandboxes::patch)
                 .delete(sandboxes::destroy),
         )
+        .route("/templates", get(templates::list).post(templates::create))
+        .route(
+            "/templates/{id}",
+            get(templates::get_one).delete(templates::delete),
+        )
+        .route("/templates/{id}/logs", get(templates::logs))
         .route("/sandboxes/{id}/console", get(sandboxes::console))
         .route("/sandboxes/{id}/wake", post(sandboxes::wake))
         .route("/sandboxes/{id}/keepalive", post(sandboxes::keepalive))

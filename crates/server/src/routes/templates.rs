@@ -1,0 +1,100 @@
+//! `/templates`: list, create (an image pulled in the background), get,
+//! delete, and the build log. Thin: parse, call the controller, shape the
+//! answer.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use http::{header, StatusCode};
+use sandforge_api::{CreateTemplate, Template};
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::json::ApiJson;
+use crate::AppState;
+
+pub async fn list(
+    State(st): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<Template>>, ApiError> {
+    Ok(Json(st.controller.list_templates(&caller.org)?))
+}
+
+/// 202: registered as `building`; poll it or follow its logs.
+pub async fn create(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<CreateTemplate>,
+) -> Result<(StatusCode, Json<Template>), ApiError> {
+    let t = st.controller.create_template(&caller.org, req)?;
+    Ok((StatusCode::ACCEPTED, Json(t)))
+}
+
+pub async fn get_one(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Template>, ApiError> {
+    Ok(Json(st.controller.get_template(&caller.org, &id)?))
+}
+
+pub async fn delete(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    st.controller
+        .delete_template_and_collect(&caller.org, &id)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /templates/{id}/logs`: the build's events as ndjson, followed
+/// until the build ends.
+pub async fn logs(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (_, first, building) = st.controller.template_log(&caller.org, &id)?;
+    let org = caller.org.clone();
+    let state = (st, org, id, first.len(), building, Some(first));
+    let stream =
+        futures_util::stream::unfold(state, |(st, org, id, sent, building, pending)| async move {
+            if let Some(p) = pending {
+                return Some((
+                    Ok::<_, std::io::Error>(Bytes::from(p)),
+                    (st, org, id, sent, building, None),
+                ));
+            }
+            if !building {
+                return None;
+            }
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let Ok((_, log, still)) = st.controller.template_log(&org, &id) else {
+                    return None;
+                };
+                if log.len() > sent {
+                    let new = Bytes::copy_from_slice(&log[sent..]);
+                    let len = log.len();
+                    return Some((Ok(new), (st, org, id, len, still, None)));
+                }
+                if !still {
+                    return None;
+                }
+            }
+        });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}

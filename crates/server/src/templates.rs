@@ -1,0 +1,421 @@
+//! The controller's side of templates (issue 12): the registry in SQLite
+//! (built-in templates registered at start, global; an organization's own
+//! ones), resolving what a create names (an id or a name; `base` is
+//! `default`) to the template stored on disk, and deleting a template no
+//! sandbox or snapshot uses.
+//!
+//! A built-in template `<name>` is the row `tmpl_<name>` (no org) and the
+//! directory `<template_dir>/<name>`; an organization's template is the
+//! row and the directory `<state>/templates/<id>`, and a sandbox's stored
+//! spec names that directory. Must not fetch or unpack images itself
+//! (`sandforge_runtime::image` does).
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use http::StatusCode;
+use sandforge_api::{CreateTemplate, Template, TemplateSource, TemplateStatus};
+use sandforge_runtime::image::{ImageError, ImageInfo, PullEvent, PullOptions};
+
+use crate::controller::{random_id, Controller};
+use crate::db::{now, TemplateRefused, TemplateRow};
+use crate::error::ApiError;
+
+/// Host uid that is root inside a container (the templates' ownership
+/// shift, as `scripts/build-template.sh` does it).
+const UID_SHIFT: u32 = 100_000;
+
+/// Serializes pulls against the blob garbage collection (a pull may have
+/// just found a blob that a collection would remove).
+static BLOBS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The built-in template every create without one gets.
+pub const DEFAULT: &str = sandforge_api::sandbox::DEFAULT_TEMPLATE;
+/// Another name of [`DEFAULT`] (E2B's and seed 003's).
+pub const BASE: &str = "base";
+
+pub(crate) fn builtin_id(name: &str) -> String {
+    format!("tmpl_{name}")
+}
+
+fn not_found(given: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "template_not_found",
+        format!("template: '{given}' not found"),
+    )
+    .field("template")
+}
+
+impl Controller {
+    /// Record every complete built-in template of the host (idempotent;
+    /// at start).
+    pub(crate) fn register_builtin_templates(&self) -> Result<(), ApiError> {
+        for name in self.templates.list() {
+            self.db.ensure_builtin_template(&builtin_id(&name), &name)?;
+        }
+        Ok(())
+    }
+
+    /// The API's own templates' directory, `<state>/templates`.
+    pub(crate) fn own_templates_dir(&self) -> PathBuf {
+        self.cfg.state_dir.join("templates")
+    }
+
+    /// The shared, content-addressed blob store of pulled images.
+    fn blob_dir(&self) -> PathBuf {
+        self.cfg.state_dir.join("images").join("blobs")
+    }
+
+    fn build_log(&self, id: &str) -> PathBuf {
+        self.own_templates_dir().join(format!("{id}.log"))
+    }
+
+    /// At start: a template a stopped daemon left `building` failed (its
+    /// staging trees are removed), and staging left by a crash goes.
+    pub(crate) fn recover_templates(&self) -> Result<(), ApiError> {
+        let dir = self.own_templates_dir();
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if name.contains(".tmp-") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        for t in self.db.building_templates()? {
+            if let Some(p) = self.templates.path_of(&t.id) {
+                let _ = std::fs::remove_dir_all(p);
+            }
+            self.db.set_template_status(
+                &t.id,
+                TemplateStatus::Failed,
+                Some("interrupted: the daemon stopped while it was building"),
+                0,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `POST /templates`: register the template (`building`) and build it
+    /// in the background; its status and `GET /templates/{id}/logs` tell
+    /// how it goes.
+    pub fn create_template(
+        self: &Arc<Self>,
+        org: &str,
+        req: CreateTemplate,
+    ) -> Result<Template, ApiError> {
+        let (name, source) = req.validate()?;
+        let TemplateSource::Image { reference } = source.clone() else {
+            return Err(ApiError::bad_request(
+                "source",
+                "only image sources can be built",
+            ));
+        };
+        sandforge_runtime::image::parse_reference(&reference)
+            .map_err(|e| ApiError::bad_request("image", e))?;
+        let row = TemplateRow {
+            id: random_id("tmpl"),
+            org: Some(org.to_string()),
+            name,
+            source,
+            status: TemplateStatus::Building,
+            status_reason: None,
+            size_bytes: 0,
+            created_at: now(),
+        };
+        std::fs::create_dir_all(self.own_templates_dir())
+            .map_err(|e| ApiError::internal(format!("templates dir: {e}")))?;
+        self.db.insert_template(&row).map_err(|e| match e {
+            TemplateRefused::NameInUse(_) => {
+                ApiError::conflict("name_in_use", format!("name: {e}")).field("name")
+            }
+            TemplateRefused::Db(e) => e.into(),
+        })?;
+        let this = self.clone();
+        let id = row.id.clone();
+        tokio::spawn(async move { this.build_template(&id, &reference).await });
+        Ok(self.template_to_api(&row))
+    }
+
+    async fn build_template(&self, id: &str, reference: &str) {
+        let log_path = self.build_log(id);
+        let log = std::sync::Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .ok(),
+        );
+        let write = |line: serde_json::Value| {
+            use std::io::Write;
+            if let Some(f) = log.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                let _ = writeln!(f, "{line}");
+            }
+        };
+        write(serde_json::json!({"event": "pull", "reference": reference, "at": now()}));
+        let progress = |e: PullEvent| write(event_json(&e));
+        let opts = PullOptions {
+            blob_dir: self.blob_dir(),
+            uid_shift: UID_SHIFT,
+            credentials: None,
+        };
+        let dest = self.own_templates_dir().join(id);
+        let result = {
+            let _blobs = BLOBS.lock().await;
+            sandforge_runtime::image::pull(&opts, reference, &dest, &progress).await
+        };
+        let outcome = match result {
+            Ok(info) => {
+                write(
+                    serde_json::json!({"event": "ready", "size_bytes": info.size_bytes, "digest": info.digest}),
+                );
+                self.db
+                    .set_template_status(id, TemplateStatus::Ready, None, info.size_bytes)
+            }
+            Err(e) => {
+                let reason = pull_reason(&e);
+                write(serde_json::json!({"event": "failed", "reason": reason}));
+                tracing::warn!(%id, reference, "template build failed: {reason}");
+                self.db
+                    .set_template_status(id, TemplateStatus::Failed, Some(&reason), 0)
+            }
+        };
+        if let Err(e) = outcome {
+            tracing::error!(%id, "recording a template build: {e}");
+        }
+    }
+
+    /// The build log of a template of `org` (ndjson lines) and whether it
+    /// is still building.
+    pub fn template_log(
+        &self,
+        org: &str,
+        given: &str,
+    ) -> Result<(String, Vec<u8>, bool), ApiError> {
+        let row = self.template_row(org, given)?;
+        let log = std::fs::read(self.build_log(&row.id)).unwrap_or_default();
+        Ok((row.id.clone(), log, row.status == TemplateStatus::Building))
+    }
+
+    /// Blobs no template refers to any more are removed (after a delete).
+    async fn collect_blobs(&self) {
+        let _blobs = BLOBS.lock().await;
+        let mut in_use = HashSet::new();
+        if let Ok(rd) = std::fs::read_dir(self.own_templates_dir()) {
+            for e in rd.flatten() {
+                if let Some(info) = image_of(&e.path()) {
+                    in_use.insert(info.config_digest);
+                    in_use.extend(info.layers);
+                }
+            }
+        }
+        match sandforge_runtime::image::remove_unused_blobs(&self.blob_dir(), &in_use) {
+            Ok(freed) if freed > 0 => tracing::info!(freed, "unused image blobs removed"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("removing unused image blobs: {e}"),
+        }
+    }
+
+    /// The name on disk of the template `given` (an id, a name, or `base`)
+    /// that `org` may use: 404 when there is none, 409 while it is not
+    /// `ready`.
+    pub(crate) fn resolve_template(&self, org: &str, given: &str) -> Result<String, ApiError> {
+        let given_name = if given == BASE { DEFAULT } else { given };
+        let row = if given_name.starts_with("tmpl_") {
+            self.db
+                .get_template(given_name)?
+                .filter(|t| t.org.as_deref().is_none_or(|o| o == org))
+        } else {
+            self.db.template_by_name(org, given_name)?
+        };
+        let Some(row) = row else {
+            // A built-in template that appeared on the host since start.
+            if !given_name.starts_with("tmpl_") && self.templates.get(given_name).is_ok() {
+                self.db
+                    .ensure_builtin_template(&builtin_id(given_name), given_name)?;
+                return Ok(given_name.to_string());
+            }
+            return Err(not_found(given));
+        };
+        match row.status {
+            TemplateStatus::Ready => Ok(stored_name(&row)),
+            TemplateStatus::Building => Err(ApiError::conflict(
+                "template_not_ready",
+                format!("template '{given}' is still building"),
+            )
+            .field("template")),
+            TemplateStatus::Failed => Err(ApiError::conflict(
+                "template_failed",
+                format!(
+                    "template '{given}' failed to build: {}",
+                    row.status_reason.as_deref().unwrap_or("unknown reason")
+                ),
+            )
+            .field("template")),
+        }
+    }
+
+    fn template_row(&self, org: &str, given: &str) -> Result<TemplateRow, ApiError> {
+        let given_name = if given == BASE { DEFAULT } else { given };
+        let row = if given_name.starts_with("tmpl_") {
+            self.db.get_template(given_name)?
+        } else {
+            self.db.template_by_name(org, given_name)?
+        };
+        let row = row.ok_or_else(|| ApiError::not_found("template", given))?;
+        match &row.org {
+            Some(o) if o != org => Err(ApiError::forbidden(format!(
+                "template '{given}' belongs to another organization"
+            ))),
+            _ => Ok(row),
+        }
+    }
+
+    pub fn list_templates(&self, org: &str) -> Result<Vec<Template>, ApiError> {
+        Ok(self
+            .db
+            .list_templates(org)?
+            .iter()
+            .map(|t| self.template_to_api(t))
+            .collect())
+    }
+
+    pub fn get_template(&self, org: &str, given: &str) -> Result<Template, ApiError> {
+        Ok(self.template_to_api(&self.template_row(org, given)?))
+    }
+
+    /// `DELETE /templates/{id}`: 409 while a sandbox or snapshot uses it or
+    /// it is still building; a built-in one cannot be deleted (403).
+    pub fn delete_template(&self, org: &str, given: &str) -> Result<(), ApiError> {
+        let row = self.template_row(org, given)?;
+        if row.org.is_none() {
+            return Err(ApiError::forbidden(format!(
+                "template '{}' is built into this host; it cannot be deleted through the API",
+                row.name
+            )));
+        }
+        if row.status == TemplateStatus::Building {
+            return Err(ApiError::conflict(
+                "template_building",
+                format!("template '{}' is still building", row.name),
+            ));
+        }
+        let (sandboxes, snapshots) = self.db.template_users(&stored_name(&row))?;
+        if sandboxes + snapshots > 0 {
+            return Err(ApiError::conflict(
+                "template_in_use",
+                format!(
+                    "template '{}' is used by {sandboxes} sandboxes and {snapshots} snapshots",
+                    row.name
+                ),
+            ));
+        }
+        if let Some(dir) = self.templates.path_of(&row.id) {
+            // The manifest first: a template without it is never used.
+            let _ = std::fs::remove_file(dir.join("template.json"));
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(ApiError::internal(format!(
+                        "removing {}: {e}",
+                        dir.display()
+                    )));
+                }
+            }
+        }
+        self.db.delete_template(&row.id)?;
+        let _ = std::fs::remove_file(self.build_log(&row.id));
+        Ok(())
+    }
+
+    /// `DELETE` then the blobs' garbage collection.
+    pub async fn delete_template_and_collect(
+        &self,
+        org: &str,
+        given: &str,
+    ) -> Result<(), ApiError> {
+        self.delete_template(org, given)?;
+        self.collect_blobs().await;
+        Ok(())
+    }
+
+    pub(crate) fn template_to_api(&self, t: &TemplateRow) -> Template {
+        let builtin = t.source == TemplateSource::Builtin;
+        let size_bytes = if builtin {
+            self.templates.size_bytes(&t.name).unwrap_or(0)
+        } else {
+            t.size_bytes
+        };
+        Template {
+            id: t.id.clone(),
+            name: t.name.clone(),
+            aliases: if builtin && t.name == DEFAULT {
+                vec![BASE.to_string()]
+            } else {
+                vec![]
+            },
+            source: t.source.clone(),
+            status: t.status,
+            status_reason: t.status_reason.clone(),
+            size_bytes,
+            created_at: t.created_at.clone(),
+            builtin,
+        }
+    }
+}
+
+/// The directory name a sandbox's spec records for a template row.
+fn stored_name(t: &TemplateRow) -> String {
+    match t.source {
+        TemplateSource::Builtin => t.name.clone(),
+        _ => t.id.clone(),
+    }
+}
+
+/// The `image` part of a pulled template's manifest.
+fn image_of(dir: &std::path::Path) -> Option<ImageInfo> {
+    let raw = std::fs::read(dir.join("template.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&raw).ok()?;
+    serde_json::from_value(v.get("image")?.clone()).ok()
+}
+
+/// A failed pull's reason as the template shows it.
+fn pull_reason(e: &ImageError) -> String {
+    let kind = match e {
+        ImageError::Reference(_) => "bad reference",
+        ImageError::NotFound(_) => "not found",
+        ImageError::Unauthorized(_) => "unauthorized",
+        ImageError::Platform(_) => "wrong platform",
+        ImageError::Digest { .. } => "corrupt layer",
+        ImageError::Layer(_) => "bad layer",
+        ImageError::Exists(_) | ImageError::Io(_) => "io",
+        ImageError::Registry(_) => "registry",
+    };
+    format!("{kind}: {e}")
+}
+
+fn event_json(e: &PullEvent) -> serde_json::Value {
+    use serde_json::json;
+    match e {
+        PullEvent::Resolved { digest, layers } => {
+            json!({"event": "resolved", "digest": digest, "layers": layers})
+        }
+        PullEvent::LayerCached { digest, size } => {
+            json!({"event": "layer_cached", "digest": digest, "size": size})
+        }
+        PullEvent::LayerDownloading { digest, size } => {
+            json!({"event": "layer_downloading", "digest": digest, "size": size})
+        }
+        PullEvent::LayerProgress { digest, done, size } => {
+            json!({"event": "layer_progress", "digest": digest, "done": done, "size": size})
+        }
+        PullEvent::LayerDownloaded { digest, size } => {
+            json!({"event": "layer_downloaded", "digest": digest, "size": size})
+        }
+        PullEvent::LayerUnpacking { digest } => {
+            json!({"event": "layer_unpacking", "digest": digest})
+        }
+        PullEvent::Done { size_bytes } => json!({"event": "done", "size_bytes": size_bytes}),
+    }
+}

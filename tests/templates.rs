@@ -1,0 +1,369 @@
+//! Templates as API objects (issue 12), on the backend the run targets:
+//! the built-in template is registered (global, `tmpl_default`, also
+//! reachable as `base`), a create names a template by id or name, and the
+//! registry's errors (unknown, built-in delete) are clear; an OCI image
+//! pulled from a real registry (Debian's `docker-registry` on loopback,
+//! images pushed with `skopeo`) becomes a template a sandbox runs, its
+//! failures (unknown tag, corrupt layer) leave a `failed` template with
+//! the reason and nothing half-made, and a delete collects its blobs.
+
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use sandforge_tests::oci::{layer, layer_from_dir, push_image, Registry, E};
+use sandforge_tests::{vm, Daemon};
+use serde_json::{json, Value};
+
+#[tokio::test]
+async fn the_builtin_template_is_listed_and_reachable_by_id_name_and_alias() {
+    let d = Daemon::start().await;
+    let (s, list) = d.call(Method::GET, "/v1/templates", None).await;
+    assert_eq!(s, StatusCode::OK, "{list}");
+    let default = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "default")
+        .cloned()
+        .unwrap_or_else(|| panic!("no default template in {list}"));
+    assert_eq!(default["id"], "tmpl_default");
+    assert_eq!(default["status"], "ready");
+    assert_eq!(default["builtin"], true);
+    assert_eq!(default["aliases"], json!(["base"]));
+    assert_eq!(default["source"]["type"], "builtin");
+    assert!(
+        default["size_bytes"].as_u64().unwrap() > 100 << 20,
+        "{default}"
+    );
+    // Seed 002's paths too.
+    for path in [
+        "/templates/tmpl_default",
+        "/v1/templates/default",
+        "/v1/templates/base",
+    ] {
+        let (s, t) = d.call(Method::GET, path, None).await;
+        assert_eq!(
+            (s, &t["id"]),
+            (StatusCode::OK, &json!("tmpl_default")),
+            "{path}: {t}"
+        );
+    }
+    // Another organization sees the built-in one too.
+    let other = d.token_for("other-org");
+    let (s, t) = d
+        .call_as(&other, Method::GET, "/v1/templates/base", None)
+        .await;
+    assert_eq!((s, &t["id"]), (StatusCode::OK, &json!("tmpl_default")));
+
+    // A create by id, by name and by alias: all the default template.
+    for body in [
+        json!({"template_id": "tmpl_default"}),
+        json!({"template": "base"}),
+        json!({"template": "default"}),
+    ] {
+        let sb: Value = d.create(body.clone()).await;
+        let id = sb["id"].as_str().unwrap();
+        assert_eq!(sb["template"], "default", "{body}: {sb}");
+        assert_eq!(d.sh_ok(id, "test -x /bin/bash && echo ok").await, "ok\n");
+        d.destroy(id).await;
+    }
+
+    // Errors.
+    let (s, v) = d
+        .call(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"template": "nope"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(v["error"]["field"], "template");
+    let (s, v) = d
+        .call(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"template_id": "tmpl_nope"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let (s, v) = d.call(Method::GET, "/v1/templates/tmpl_nope", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let (s, v) = d.call(Method::DELETE, "/v1/templates/default", None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let (s, v) = d.call(Method::GET, "/v1/templates", None).await;
+    assert!(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["id"] == "tmpl_default"),
+        "{s} {v}"
+    );
+}
+
+/// A small image: busybox's static shell as the root filesystem, a second
+/// layer that adds a file and whites one out; its config sets Env and
+/// WorkingDir.
+fn busybox_image(reg: &Registry, work: &std::path::Path, name: &str) {
+    let root = work.join(format!("rootfs-{name}"));
+    for d in ["bin", "etc", "tmp", "root", "app", "proc", "dev", "sys"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
+    for applet in [
+        "sh", "echo", "cat", "pwd", "ls", "env", "test", "true", "sleep", "id",
+    ] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::write(root.join("etc/motd"), "whited out above\n").unwrap();
+    let base = layer_from_dir(&root);
+    let top = layer(&[
+        E::Dir("app", 0),
+        E::File("app/hello.txt", "hello from layer two\n", 0),
+        E::File("etc/.wh.motd", "", 0),
+    ]);
+    push_image(
+        reg,
+        work,
+        name,
+        "amd64",
+        &[&base, &top],
+        json!({"Env": ["PATH=/bin", "GREETING=hello from the image"], "WorkingDir": "/app"}),
+    );
+}
+
+async fn wait_built(d: &Daemon, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let (s, t) = d
+            .call(Method::GET, &format!("/v1/templates/{id}"), None)
+            .await;
+        assert_eq!(s, StatusCode::OK, "{t}");
+        if t["status"] != "building" {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "still building: {t}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn files_under(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn an_image_pulled_from_a_registry_becomes_a_template() {
+    let reg = Registry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    busybox_image(&reg, work.path(), "bb");
+    let d = Daemon::start().await;
+    let image = format!("{}/test/bb:latest", reg.host());
+
+    let (s, t) = d
+        .call(
+            Method::POST,
+            "/v1/templates",
+            Some(json!({"name": "bb", "image": image})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{t}");
+    assert_eq!(t["status"], "building");
+    let id = t["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("tmpl_"), "{t}");
+    let t = wait_built(&d, &id).await;
+    assert_eq!(t["status"], "ready", "{t}");
+    assert_eq!(t["source"], json!({"type": "image", "reference": image}));
+    assert!(t["size_bytes"].as_u64().unwrap() > 1 << 20, "{t}");
+    // The build log: ndjson events, ending with ready.
+    let r = d
+        .req(Method::GET, &format!("/v1/templates/{id}/logs"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let log = r.text().await.unwrap();
+    let events: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(events.iter().any(|e| e["event"] == "resolved"), "{log}");
+    assert_eq!(events.last().unwrap()["event"], "ready", "{log}");
+
+    // A name is unique in the organization.
+    let (s, v) = d
+        .call(
+            Method::POST,
+            "/v1/templates",
+            Some(json!({"name": "bb", "image": image})),
+        )
+        .await;
+    assert_eq!(
+        (s, &v["error"]["field"]),
+        (StatusCode::CONFLICT, &json!("name")),
+        "{v}"
+    );
+
+    if vm() {
+        // Pulled templates have no microVM image in this version.
+        let (s, v) = d
+            .call(
+                Method::POST,
+                "/v1/sandboxes",
+                Some(json!({"template": "bb"})),
+            )
+            .await;
+        assert_eq!(
+            (s, &v["error"]["field"]),
+            (StatusCode::CONFLICT, &json!("isolation")),
+            "{v}"
+        );
+    } else {
+        // A sandbox of it, by name: the image's files, whiteout, Env and
+        // WorkingDir.
+        let sb = d
+            .create_id(json!({"template": "bb", "network": "offline"}))
+            .await;
+        let out = d
+            .sh_ok(
+                &sb,
+                "echo $GREETING; pwd; cat hello.txt; test -e /etc/motd || echo gone",
+            )
+            .await;
+        assert_eq!(
+            out,
+            "hello from the image\n/app\nhello from layer two\ngone\n"
+        );
+        // In use: no delete.
+        let (s, v) = d
+            .call(Method::DELETE, &format!("/v1/templates/{id}"), None)
+            .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        d.destroy(&sb).await;
+    }
+    let blobs = d.state_dir().join("images/blobs/sha256");
+    assert!(!files_under(&blobs).is_empty());
+    let (s, v) = d
+        .call(Method::DELETE, &format!("/v1/templates/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    assert_eq!(files_under(&blobs), Vec::<String>::new(), "blobs collected");
+    assert_eq!(
+        files_under(&d.state_dir().join("templates")),
+        Vec::<String>::new()
+    );
+    let (s, _) = d
+        .call(Method::GET, &format!("/v1/templates/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn bad_images_fail_clearly_and_leave_nothing() {
+    let reg = Registry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    busybox_image(&reg, work.path(), "corrupt");
+    let d = Daemon::start().await;
+
+    // Syntax: 400 naming the field, nothing registered.
+    let (s, v) = d
+        .call(
+            Method::POST,
+            "/v1/templates",
+            Some(json!({"name": "x", "image": "a b"})),
+        )
+        .await;
+    assert_eq!(
+        (s, &v["error"]["field"]),
+        (StatusCode::BAD_REQUEST, &json!("image")),
+        "{v}"
+    );
+
+    // An unknown tag: failed, with the reason.
+    let (s, t) = d
+        .call(
+            Method::POST,
+            "/v1/templates",
+            Some(json!({"name": "missing", "image": format!("{}/test/nope:1", reg.host())})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{t}");
+    let t = wait_built(&d, t["id"].as_str().unwrap()).await;
+    assert_eq!(t["status"], "failed", "{t}");
+    assert!(
+        t["status_reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("not found"),
+        "{t}"
+    );
+    // A sandbox of a failed template: 409 naming it.
+    let (s, v) = d
+        .call(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"template": "missing"})),
+        )
+        .await;
+    assert_eq!(
+        (s, &v["error"]["field"]),
+        (StatusCode::CONFLICT, &json!("template")),
+        "{v}"
+    );
+
+    // A layer whose bytes do not match their digest.
+    let manifest_layers: Vec<std::path::PathBuf> =
+        std::fs::read_dir(reg.storage.join("docker/registry/v2/blobs/sha256"))
+            .unwrap()
+            .flatten()
+            .flat_map(|d| {
+                std::fs::read_dir(d.path())
+                    .unwrap()
+                    .flatten()
+                    .map(|e| e.path().join("data"))
+            })
+            .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 100_000))
+            .collect();
+    assert_eq!(manifest_layers.len(), 1, "the busybox layer");
+    let mut raw = std::fs::read(&manifest_layers[0]).unwrap();
+    let mid = raw.len() / 2;
+    raw[mid] ^= 0xff;
+    std::fs::write(&manifest_layers[0], raw).unwrap();
+    let (s, t) = d
+        .call(
+            Method::POST,
+            "/v1/templates",
+            Some(
+                json!({"name": "corrupt", "image": format!("{}/test/corrupt:latest", reg.host())}),
+            ),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{t}");
+    let t = wait_built(&d, t["id"].as_str().unwrap()).await;
+    assert_eq!(t["status"], "failed", "{t}");
+    assert!(
+        t["status_reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("corrupt layer"),
+        "{t}"
+    );
+    let left: Vec<String> = files_under(&d.state_dir().join("templates"))
+        .into_iter()
+        .filter(|f| !f.ends_with(".log"))
+        .collect();
+    assert_eq!(left, Vec::<String>::new(), "nothing half-made");
+    let blobs: Vec<String> = files_under(&d.state_dir().join("images/blobs/sha256"))
+        .into_iter()
+        .filter(|f| {
+            std::fs::metadata(d.state_dir().join("images/blobs/sha256").join(f))
+                .is_ok_and(|m| m.len() > 100_000)
+        })
+        .collect();
+    assert_eq!(blobs, Vec::<String>::new(), "no unverified blob kept");
+}
