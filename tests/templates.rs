@@ -246,6 +246,31 @@ async fn an_image_pulled_from_a_registry_becomes_a_template() {
         assert_eq!(s, StatusCode::CONFLICT, "{v}");
         d.destroy(&sb).await;
     }
+    // The CLI: a pull with its progress, the list, a delete.
+    let out = d.cli(&["template", "pull", "--name", "bb-cli", &image]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli_id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(cli_id.starts_with("tmpl_"), "{cli_id}");
+    let out = d.cli(&["template", "ls"]);
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        table.contains("bb-cli") && table.contains("ready"),
+        "{table}"
+    );
+    let out = d.cli(&["template", "pull", "--name", "bad", "127.0.0.1:1/none:1"]);
+    assert_eq!(out.status.code(), Some(1), "a failed pull exits 1");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("failed"));
+    let out = d.cli(&["template", "rm", "bb-cli", "bad"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let blobs = d.state_dir().join("images/blobs/sha256");
     assert!(!files_under(&blobs).is_empty());
     let (s, v) = d
