@@ -244,8 +244,57 @@ async fn an_image_pulled_from_a_registry_becomes_a_template() {
             .call(Method::DELETE, &format!("/v1/templates/{id}"), None)
             .await;
         assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        let (s, v) = d
+            .call(
+                Method::POST,
+                &format!("/api/sandbox/templates/{id}/pull"),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        assert_eq!(
+            d.sh_ok(&sb, "cat hello.txt").await,
+            "hello from layer two\n"
+        );
         d.destroy(&sb).await;
     }
+    // Seed 003's routes: the list, and a pull again from the same source.
+    let (s, list) = d.call(Method::GET, "/api/sandbox/templates", None).await;
+    assert_eq!(s, StatusCode::OK, "{list}");
+    assert!(list
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["id"] == id.as_str()));
+    let (s, t) = d
+        .call(
+            Method::POST,
+            &format!("/api/sandbox/templates/{id}/pull"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, &t["status"]),
+        (StatusCode::ACCEPTED, &json!("building")),
+        "{t}"
+    );
+    let (s, v) = d
+        .call(
+            Method::POST,
+            &format!("/api/sandbox/templates/{id}/build"),
+            None,
+        )
+        .await;
+    assert!(
+        s == StatusCode::CONFLICT || s == StatusCode::ACCEPTED,
+        "a second build while one runs: {s} {v}"
+    );
+    assert_eq!(wait_built(&d, &id).await["status"], "ready");
+    let (s, v) = d
+        .call(Method::POST, "/api/sandbox/templates/default/pull", None)
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+
     // The CLI: a pull with its progress, the list, a delete.
     let out = d.cli(&["template", "pull", "--name", "bb-cli", &image]);
     assert!(
