@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmarks (tests/benches/core.rs, then microvm.rs): the real daemon against
+# Benchmarks (tests/benches/core.rs, microvm.rs, then templates.rs): the real daemon against
 # host baselines, printed as a markdown table. Builds what it needs (the
 # static agent and the release workspace, since the bench profile runs the
 # daemon from target/release), then runs it. BENCH_N sets the runs per row
@@ -17,3 +17,5 @@ cargo build --quiet --release --workspace
 cargo bench --quiet -p sandforge-tests --bench core "$@"
 echo
 cargo bench --quiet -p sandforge-tests --bench microvm "$@"
+echo
+cargo bench --quiet -p sandforge-tests --bench templates "$@"

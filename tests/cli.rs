@@ -7,12 +7,7 @@ use std::process::Command;
 use sandforge_tests::{bin, scratch_dir, Daemon, TOKEN};
 
 fn cli(d: &Daemon, args: &[&str]) -> std::process::Output {
-    Command::new(bin("sandforge"))
-        .args(args)
-        .env("SANDFORGE_URL", &d.url)
-        .env("SANDFORGE_TOKEN", TOKEN)
-        .output()
-        .unwrap()
+    d.cli(args)
 }
 
 fn ok(d: &Daemon, args: &[&str]) -> String {

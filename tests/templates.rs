@@ -244,8 +244,82 @@ async fn an_image_pulled_from_a_registry_becomes_a_template() {
             .call(Method::DELETE, &format!("/v1/templates/{id}"), None)
             .await;
         assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        let (s, v) = d
+            .call(
+                Method::POST,
+                &format!("/api/sandbox/templates/{id}/pull"),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        assert_eq!(
+            d.sh_ok(&sb, "cat hello.txt").await,
+            "hello from layer two\n"
+        );
         d.destroy(&sb).await;
     }
+    // Seed 003's routes: the list, and a pull again from the same source.
+    let (s, list) = d.call(Method::GET, "/api/sandbox/templates", None).await;
+    assert_eq!(s, StatusCode::OK, "{list}");
+    assert!(list
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["id"] == id.as_str()));
+    let (s, t) = d
+        .call(
+            Method::POST,
+            &format!("/api/sandbox/templates/{id}/pull"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, &t["status"]),
+        (StatusCode::ACCEPTED, &json!("building")),
+        "{t}"
+    );
+    let (s, v) = d
+        .call(
+            Method::POST,
+            &format!("/api/sandbox/templates/{id}/build"),
+            None,
+        )
+        .await;
+    assert!(
+        s == StatusCode::CONFLICT || s == StatusCode::ACCEPTED,
+        "a second build while one runs: {s} {v}"
+    );
+    assert_eq!(wait_built(&d, &id).await["status"], "ready");
+    let (s, v) = d
+        .call(Method::POST, "/api/sandbox/templates/default/pull", None)
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+
+    // The CLI: a pull with its progress, the list, a delete.
+    let out = d.cli(&["template", "pull", "--name", "bb-cli", &image]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli_id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(cli_id.starts_with("tmpl_"), "{cli_id}");
+    let out = d.cli(&["template", "ls"]);
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        table.contains("bb-cli") && table.contains("ready"),
+        "{table}"
+    );
+    let out = d.cli(&["template", "pull", "--name", "bad", "127.0.0.1:1/none:1"]);
+    assert_eq!(out.status.code(), Some(1), "a failed pull exits 1");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("failed"));
+    let out = d.cli(&["template", "rm", "bb-cli", "bad"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let blobs = d.state_dir().join("images/blobs/sha256");
     assert!(!files_under(&blobs).is_empty());
     let (s, v) = d

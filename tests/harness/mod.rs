@@ -429,6 +429,17 @@ impl Daemon {
     }
 
     /// stdout of a command that must exit 0.
+    /// Run the `sandforge` CLI against this daemon (URL and token from the
+    /// environment).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("sandforge"))
+            .args(args)
+            .env("SANDFORGE_URL", &self.url)
+            .env("SANDFORGE_TOKEN", TOKEN)
+            .output()
+            .unwrap()
+    }
+
     /// Write `body` to `path` in the sandbox through the files API (204).
     pub async fn put_file(&self, id: &str, path: &str, body: impl Into<reqwest::Body>) {
         let r = self

@@ -71,13 +71,13 @@ pub struct Template {
 
 /// `POST /v1/templates`: `{"name", "image"}` (or `{"name", "source":
 /// {"type": "image", "reference"}}`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTemplate {
     pub name: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<TemplateSource>,
 }
 

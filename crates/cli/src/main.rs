@@ -15,7 +15,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use client::{ApiError, Client, DEFAULT_URL};
-use commands::{exec, files, sandbox, serve, shell};
+use commands::{exec, files, sandbox, serve, shell, template};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -61,6 +61,9 @@ enum Command {
     Ls(files::LsArgs),
     /// Open an interactive terminal in a sandbox (exit code = the remote one)
     Shell(shell::ShellArgs),
+    /// Templates: ls, get, pull (with a progress bar), logs, rm
+    #[command(subcommand)]
+    Template(template::TemplateCommand),
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
@@ -81,6 +84,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Cp(a) => files::cp(&client, a).await,
         Command::Ls(a) => files::ls(&client, a).await,
         Command::Shell(a) => shell::shell(&client, a).await,
+        Command::Template(c) => template::run(&client, c).await,
         Command::Serve(_) | Command::Token(_) => unreachable!("handled above"),
     }
 }

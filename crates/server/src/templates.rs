@@ -139,6 +139,67 @@ impl Controller {
         Ok(self.template_to_api(&row))
     }
 
+    /// Seed 003's `build` and `pull`: make the template again from its
+    /// source (a newer image behind the same tag). 409 while it builds or
+    /// while a sandbox or snapshot uses it; 403 for a built-in one.
+    pub fn rebuild_template(
+        self: &Arc<Self>,
+        org: &str,
+        given: &str,
+    ) -> Result<Template, ApiError> {
+        let row = self.template_row(org, given)?;
+        let TemplateSource::Image { reference } = row.source.clone() else {
+            return Err(ApiError::forbidden(format!(
+                "template '{}' is built into this host; rebuild it with scripts/build-template.sh",
+                row.name
+            )));
+        };
+        // `building` first (atomically: one build at a time), so no new
+        // create resolves it; then the users.
+        if !self.db.claim_template_build(&row.id)? {
+            return Err(ApiError::conflict(
+                "template_building",
+                format!("template '{}' is already building", row.name),
+            ));
+        }
+        let (sandboxes, snapshots) = self.db.template_users(&stored_name(&row))?;
+        if sandboxes + snapshots > 0 {
+            self.db.set_template_status(
+                &row.id,
+                row.status,
+                row.status_reason.as_deref(),
+                row.size_bytes,
+            )?;
+            return Err(ApiError::conflict(
+                "template_in_use",
+                format!(
+                    "template '{}' is used by {sandboxes} sandboxes and {snapshots} snapshots",
+                    row.name
+                ),
+            ));
+        }
+        if let Some(dir) = self.templates.path_of(&row.id) {
+            let _ = std::fs::remove_file(dir.join("template.json"));
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    let reason = format!("removing {}: {e}", dir.display());
+                    self.db.set_template_status(
+                        &row.id,
+                        TemplateStatus::Failed,
+                        Some(&reason),
+                        0,
+                    )?;
+                    return Err(ApiError::internal(reason));
+                }
+            }
+        }
+        let _ = std::fs::remove_file(self.build_log(&row.id));
+        let this = self.clone();
+        let id = row.id.clone();
+        tokio::spawn(async move { this.build_template(&id, &reference).await });
+        Ok(self.template_to_api(&self.template_row(org, given)?))
+    }
+
     async fn build_template(&self, id: &str, reference: &str) {
         let log_path = self.build_log(id);
         let log = std::sync::Mutex::new(

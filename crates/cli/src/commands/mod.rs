@@ -6,6 +6,7 @@ pub mod files;
 pub mod sandbox;
 pub mod serve;
 pub mod shell;
+pub mod template;
 
 use std::io::{self, Write};
 

@@ -128,6 +128,19 @@ impl Db {
         })
     }
 
+    /// Mark a template `building` unless it already is: false when another
+    /// build holds it.
+    pub fn claim_template_build(&self, id: &str) -> Result<bool, ServerError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE templates SET status = 'building', status_reason = NULL, size_bytes = 0
+                 WHERE id = ?1 AND status != 'building'",
+                params![id],
+            )
+            .map(|n| n == 1)
+        })
+    }
+
     pub fn get_template(&self, id: &str) -> Result<Option<TemplateRow>, ServerError> {
         self.with(|c| {
             c.query_row(

@@ -80,9 +80,23 @@ pub fn publish_router(state: AppState) -> Router {
     Router::new().fallback(ports::published).with_state(state)
 }
 
+/// Seed 003's agent-platform routes (`/api/sandbox/...`) that exist so far.
+fn seed003() -> Router<AppState> {
+    Router::new()
+        .route("/templates", get(templates::list).post(templates::create))
+        .route(
+            "/templates/{id}",
+            get(templates::get_one).delete(templates::delete),
+        )
+        .route("/templates/{id}/build", post(templates::rebuild))
+        .route("/templates/{id}/pull", post(templates::rebuild))
+        .route("/templates/{id}/logs", get(templates::logs))
+}
+
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health::health))
+        .nest("/api/sandbox", seed003())
         .nest("/v1", api())
         .merge(api())
         .fallback(not_found_route)

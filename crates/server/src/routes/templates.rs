@@ -34,6 +34,17 @@ pub async fn create(
     Ok((StatusCode::ACCEPTED, Json(t)))
 }
 
+/// Seed 003's `POST /api/sandbox/templates/{id}/build` and `/pull`: make
+/// the template again from its source; 202 `building`.
+pub async fn rebuild(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Template>), ApiError> {
+    let t = st.controller.rebuild_template(&caller.org, &id)?;
+    Ok((StatusCode::ACCEPTED, Json(t)))
+}
+
 pub async fn get_one(
     State(st): State<AppState>,
     caller: Caller,

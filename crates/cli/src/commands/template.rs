@@ -1,0 +1,231 @@
+//! `template ls|get|pull|logs|rm`: the template registry. A pull follows
+//! the build's ndjson log with a progress bar (`indicatif`, on stderr,
+//! hidden when stderr is not a terminal) and exits 0 once the template is
+//! `ready`, 1 when it `failed` (the reason on stderr).
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use futures_util::StreamExt;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use reqwest::Method;
+use sandforge_api::{CreateTemplate, Template, TemplateStatus};
+use serde_json::Value;
+
+use super::{err, out};
+use crate::client::{query_value, Client};
+
+#[derive(Debug, Subcommand)]
+pub enum TemplateCommand {
+    /// List the templates (built-in and the organization's)
+    Ls {
+        /// Print the JSON array instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one template (id, name or alias) as JSON
+    Get { id: String },
+    /// Make a template of an OCI image pulled from a registry
+    Pull(PullArgs),
+    /// Print a template's build log (ndjson), following a running build
+    Logs { id: String },
+    /// Delete templates (id or name)
+    #[command(alias = "delete")]
+    Rm {
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// Image reference, e.g. localhost:5000/team/python:3.12
+    pub image: String,
+    /// Template name (unique in the organization)
+    #[arg(long)]
+    pub name: String,
+    /// Return once the pull has started, without waiting for it
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Print the template as JSON at the end instead of its id
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn path(id: &str, suffix: &str) -> String {
+    format!("/v1/templates/{}{suffix}", query_value(id))
+}
+
+pub async fn run(client: &Client, cmd: TemplateCommand) -> Result<ExitCode> {
+    match cmd {
+        TemplateCommand::Ls { json } => {
+            let v: Value = client
+                .json(client.request(Method::GET, "/v1/templates"))
+                .await?;
+            if json {
+                out(&format!("{}\n", serde_json::to_string_pretty(&v)?))?;
+            } else {
+                let list: Vec<Template> =
+                    serde_json::from_value(v).context("unexpected template list")?;
+                out(&table(&list))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TemplateCommand::Get { id } => {
+            let v: Value = client
+                .json(client.request(Method::GET, &path(&id, "")))
+                .await?;
+            out(&format!("{}\n", serde_json::to_string_pretty(&v)?))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        TemplateCommand::Pull(a) => pull(client, a).await,
+        TemplateCommand::Logs { id } => {
+            let resp = client
+                .send(client.request(Method::GET, &path(&id, "/logs")))
+                .await?;
+            let mut body = resp.bytes_stream();
+            while let Some(chunk) = body.next().await {
+                out(&String::from_utf8_lossy(&chunk.context("reading the log")?))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TemplateCommand::Rm { ids } => {
+            let mut failed = false;
+            for id in &ids {
+                match client
+                    .send(client.request(Method::DELETE, &path(id, "")))
+                    .await
+                {
+                    Ok(_) => out(&format!("{id}\n"))?,
+                    Err(e) => {
+                        failed = true;
+                        err(&format!("error: {id}: {e:#}\n"))?;
+                    }
+                }
+            }
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}
+
+async fn pull(client: &Client, a: PullArgs) -> Result<ExitCode> {
+    let body = CreateTemplate {
+        name: a.name,
+        image: Some(a.image),
+        source: None,
+    };
+    let t: Template = client
+        .json(client.request(Method::POST, "/v1/templates").json(&body))
+        .await?;
+    if !a.no_wait {
+        follow(client, &t.id).await?;
+    }
+    let t: Template = client
+        .json(client.request(Method::GET, &path(&t.id, "")))
+        .await?;
+    if a.json {
+        out(&format!("{}\n", serde_json::to_string_pretty(&t)?))?;
+    } else {
+        out(&format!("{}\n", t.id))?;
+    }
+    match t.status {
+        TemplateStatus::Failed => {
+            err(&format!(
+                "error: template {} failed: {}\n",
+                t.name,
+                t.status_reason.as_deref().unwrap_or("no reason given")
+            ))?;
+            Ok(ExitCode::FAILURE)
+        }
+        _ => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// Follow the build log, drawing a byte progress bar over the layers.
+async fn follow(client: &Client, id: &str) -> Result<()> {
+    let resp = client
+        .send(client.request(Method::GET, &path(id, "/logs")))
+        .await?;
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {bytes}/{total_bytes}")
+            .context("progress style")?
+            .progress_chars("=> "),
+    );
+    let mut sizes = std::collections::HashMap::<String, (u64, u64)>::new();
+    let mut pending = Vec::new();
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        pending.extend_from_slice(&chunk.context("reading the build log")?);
+        while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=nl).collect();
+            let Ok(ev) = serde_json::from_slice::<Value>(&line) else {
+                continue;
+            };
+            let digest = ev["digest"].as_str().unwrap_or("").to_string();
+            let short = digest
+                .trim_start_matches("sha256:")
+                .chars()
+                .take(12)
+                .collect::<String>();
+            match ev["event"].as_str().unwrap_or("") {
+                "resolved" => bar.set_message(format!("resolved, {} layers", ev["layers"])),
+                "layer_downloading" | "layer_cached" => {
+                    let size = ev["size"].as_u64().unwrap_or(0);
+                    let done = if ev["event"] == "layer_cached" {
+                        size
+                    } else {
+                        0
+                    };
+                    sizes.insert(digest, (done, size));
+                    bar.set_message(format!("layer {short}"));
+                }
+                "layer_progress" => {
+                    if let Some(s) = sizes.get_mut(&digest) {
+                        s.0 = ev["done"].as_u64().unwrap_or(s.0);
+                    }
+                }
+                "layer_downloaded" => {
+                    if let Some(s) = sizes.get_mut(&digest) {
+                        s.0 = s.1;
+                    }
+                }
+                "layer_unpacking" => bar.set_message(format!("unpacking {short}")),
+                "ready" => bar.set_message("ready"),
+                "failed" => bar.set_message("failed"),
+                _ => {}
+            }
+            bar.set_length(sizes.values().map(|s| s.1).sum());
+            bar.set_position(sizes.values().map(|s| s.0).sum());
+        }
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+fn table(list: &[Template]) -> String {
+    let mut s = format!(
+        "{:<20} {:<20} {:<9} {:>10}  {}\n",
+        "ID", "NAME", "STATUS", "SIZE", "SOURCE"
+    );
+    for t in list {
+        let source = match &t.source {
+            sandforge_api::TemplateSource::Builtin => "builtin".to_string(),
+            sandforge_api::TemplateSource::Image { reference } => reference.clone(),
+        };
+        s.push_str(&format!(
+            "{:<20} {:<20} {:<9} {:>9}M  {}\n",
+            t.id,
+            t.name,
+            t.status.as_str(),
+            t.size_bytes >> 20,
+            source
+        ));
+    }
+    s
+}
