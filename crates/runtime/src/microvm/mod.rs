@@ -303,10 +303,19 @@ impl MicrovmBackend {
                 Err(_) => break Err(RuntimeError::AgentTimeout(timeout)),
             }
         };
+        if ready.is_err() {
+            // A boot that failed ends its QEMU here, by its own handle: its
+            // pid file (what destroy goes by) may not be written yet on a
+            // loaded host.
+            let _ = child.kill();
+        }
         // Reap QEMU whenever it exits, so it never lingers as a zombie.
-        std::thread::spawn(move || {
+        let reaper = std::thread::spawn(move || {
             let _ = child.wait();
         });
+        if ready.is_err() {
+            let _ = tokio::task::spawn_blocking(move || reaper.join()).await;
+        }
         ready.map(|_| client)
     }
 }
