@@ -139,6 +139,37 @@ impl Controller {
         Ok(self.template_to_api(&row))
     }
 
+    /// 409 while a live sandbox or a snapshot uses the template.
+    fn refuse_in_use(&self, row: &TemplateRow) -> Result<(), ApiError> {
+        let (sandboxes, snapshots) = self.db.template_users(&stored_name(row))?;
+        if sandboxes + snapshots > 0 {
+            return Err(ApiError::conflict(
+                "template_in_use",
+                format!(
+                    "template '{}' is used by {sandboxes} sandboxes and {snapshots} snapshots",
+                    row.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Remove a template's files, the manifest first (a template without
+    /// it is never used); a missing directory is fine.
+    fn remove_template_files(&self, id: &str) -> Result<(), String> {
+        let _ = std::fs::remove_file(self.build_log(id));
+        let Some(dir) = self.templates.path_of(id) else {
+            return Ok(());
+        };
+        let _ = std::fs::remove_file(dir.join("template.json"));
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(format!("removing {}: {e}", dir.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Seed 003's `build` and `pull`: make the template again from its
     /// source (a newer image behind the same tag). 409 while it builds or
     /// while a sandbox or snapshot uses it; 403 for a built-in one.
@@ -162,38 +193,20 @@ impl Controller {
                 format!("template '{}' is already building", row.name),
             ));
         }
-        let (sandboxes, snapshots) = self.db.template_users(&stored_name(&row))?;
-        if sandboxes + snapshots > 0 {
+        if let Err(e) = self.refuse_in_use(&row) {
             self.db.set_template_status(
                 &row.id,
                 row.status,
                 row.status_reason.as_deref(),
                 row.size_bytes,
             )?;
-            return Err(ApiError::conflict(
-                "template_in_use",
-                format!(
-                    "template '{}' is used by {sandboxes} sandboxes and {snapshots} snapshots",
-                    row.name
-                ),
-            ));
+            return Err(e);
         }
-        if let Some(dir) = self.templates.path_of(&row.id) {
-            let _ = std::fs::remove_file(dir.join("template.json"));
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    let reason = format!("removing {}: {e}", dir.display());
-                    self.db.set_template_status(
-                        &row.id,
-                        TemplateStatus::Failed,
-                        Some(&reason),
-                        0,
-                    )?;
-                    return Err(ApiError::internal(reason));
-                }
-            }
+        if let Err(reason) = self.remove_template_files(&row.id) {
+            self.db
+                .set_template_status(&row.id, TemplateStatus::Failed, Some(&reason), 0)?;
+            return Err(ApiError::internal(reason));
         }
-        let _ = std::fs::remove_file(self.build_log(&row.id));
         let this = self.clone();
         let id = row.id.clone();
         tokio::spawn(async move { this.build_template(&id, &reference).await });
@@ -363,30 +376,10 @@ impl Controller {
                 format!("template '{}' is still building", row.name),
             ));
         }
-        let (sandboxes, snapshots) = self.db.template_users(&stored_name(&row))?;
-        if sandboxes + snapshots > 0 {
-            return Err(ApiError::conflict(
-                "template_in_use",
-                format!(
-                    "template '{}' is used by {sandboxes} sandboxes and {snapshots} snapshots",
-                    row.name
-                ),
-            ));
-        }
-        if let Some(dir) = self.templates.path_of(&row.id) {
-            // The manifest first: a template without it is never used.
-            let _ = std::fs::remove_file(dir.join("template.json"));
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    return Err(ApiError::internal(format!(
-                        "removing {}: {e}",
-                        dir.display()
-                    )));
-                }
-            }
-        }
+        self.refuse_in_use(&row)?;
+        self.remove_template_files(&row.id)
+            .map_err(ApiError::internal)?;
         self.db.delete_template(&row.id)?;
-        let _ = std::fs::remove_file(self.build_log(&row.id));
         Ok(())
     }
 

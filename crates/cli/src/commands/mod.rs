@@ -9,6 +9,11 @@ pub mod shell;
 pub mod template;
 
 use std::io::{self, Write};
+use std::process::ExitCode;
+
+use reqwest::Method;
+
+use crate::client::Client;
 
 /// Writes `text` to stdout and flushes it.
 pub fn out(text: &str) -> io::Result<()> {
@@ -22,4 +27,28 @@ pub fn err(text: &str) -> io::Result<()> {
     let mut stderr = io::stderr().lock();
     stderr.write_all(text.as_bytes())?;
     stderr.flush()
+}
+
+/// `DELETE`s each path in turn (`path(id)`): a failure is reported and the
+/// rest still go; the exit code is 1 if any failed.
+pub async fn delete_each(
+    client: &Client,
+    ids: &[String],
+    path: impl Fn(&str) -> String,
+) -> anyhow::Result<ExitCode> {
+    let mut failed = false;
+    for id in ids {
+        match client.send(client.request(Method::DELETE, &path(id))).await {
+            Ok(_) => out(&format!("{id}\n"))?,
+            Err(e) => {
+                failed = true;
+                err(&format!("error: {id}: {e:#}\n"))?;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

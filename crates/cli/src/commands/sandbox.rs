@@ -8,7 +8,7 @@ use reqwest::Method;
 use sandforge_api::{CreateSandbox, Health, Isolation, Mount, Sandbox};
 use serde_json::Value;
 
-use super::{err, out};
+use super::out;
 use crate::client::{query_value, sandbox_path, Client};
 use crate::parse;
 
@@ -158,24 +158,7 @@ pub async fn get(client: &Client, args: GetArgs) -> Result<ExitCode> {
 /// Destroys each sandbox in turn; a failure is reported and the rest still
 /// go, and the exit code is 1 if any failed.
 pub async fn rm(client: &Client, args: RmArgs) -> Result<ExitCode> {
-    let mut failed = false;
-    for id in &args.ids {
-        match client
-            .send(client.request(Method::DELETE, &sandbox_path(id, "")))
-            .await
-        {
-            Ok(_) => out(&format!("{id}\n"))?,
-            Err(e) => {
-                failed = true;
-                err(&format!("error: {id}: {e:#}\n"))?;
-            }
-        }
-    }
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    super::delete_each(client, &args.ids, |id| sandbox_path(id, "")).await
 }
 
 /// Renders sandboxes as an aligned table.

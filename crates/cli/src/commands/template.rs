@@ -90,26 +90,7 @@ pub async fn run(client: &Client, cmd: TemplateCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        TemplateCommand::Rm { ids } => {
-            let mut failed = false;
-            for id in &ids {
-                match client
-                    .send(client.request(Method::DELETE, &path(id, "")))
-                    .await
-                {
-                    Ok(_) => out(&format!("{id}\n"))?,
-                    Err(e) => {
-                        failed = true;
-                        err(&format!("error: {id}: {e:#}\n"))?;
-                    }
-                }
-            }
-            Ok(if failed {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            })
-        }
+        TemplateCommand::Rm { ids } => super::delete_each(client, &ids, |id| path(id, "")).await,
     }
 }
 
