@@ -5,9 +5,9 @@
 //! pulled template against the built-in one; and the bytes a second
 //! template that shares the base layer adds to the blob store.
 //!
-//! The image is the default template's rootfs as one gzip layer (its
-//! ownership unshifted by the layer's numeric ids: the daemon shifts
-//! again, so the bench measures the real unpack). Timings are reported,
+//! The image is the default template's rootfs as one gzip layer, every
+//! entry owned by root (the tree on disk is already shifted for the user
+//! namespace; the daemon shifts the image's ids again when it unpacks). Timings are reported,
 //! never asserted. `BENCH_TEMPLATE_N` runs per row (default 3).
 
 use std::process::Command;
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
 use sandforge_tests::bench::print_table;
-use sandforge_tests::oci::{layer, layer_from_dir, push_image, Registry, E};
+use sandforge_tests::oci::{layer, layer_from_dir_as_root, push_image, Registry, E};
 use sandforge_tests::{scratch_dir, Daemon};
 use serde_json::json;
 
@@ -69,7 +69,7 @@ async fn main() {
     let reg = Registry::start(false);
     let work = scratch_dir("sf-bench-img-");
     let t = Instant::now();
-    let base = layer_from_dir(std::path::Path::new(ROOTFS));
+    let base = layer_from_dir_as_root(std::path::Path::new(ROOTFS));
     eprintln!(
         "image: the default template as one layer, {} MB gzip (built in {:?})",
         base.0.len() >> 20,

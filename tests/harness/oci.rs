@@ -268,7 +268,18 @@ pub fn push_image(
 /// A gzip layer of the tree at `dir` (ownership as on disk): (blob,
 /// diff_id).
 pub fn layer_from_dir(dir: &Path) -> (Vec<u8>, String) {
+    layer_of(dir, tar::HeaderMode::Complete)
+}
+
+/// The same with every entry owned by root (uid/gid 0), as an image of a
+/// tree that is already shifted for the user namespace must be.
+pub fn layer_from_dir_as_root(dir: &Path) -> (Vec<u8>, String) {
+    layer_of(dir, tar::HeaderMode::Deterministic)
+}
+
+fn layer_of(dir: &Path, mode: tar::HeaderMode) -> (Vec<u8>, String) {
     let mut b = tar::Builder::new(Vec::new());
+    b.mode(mode);
     b.follow_symlinks(false);
     b.append_dir_all(".", dir).unwrap();
     let tar = b.into_inner().unwrap();
