@@ -441,3 +441,175 @@ async fn bad_images_fail_clearly_and_leave_nothing() {
         .collect();
     assert_eq!(blobs, Vec::<String>::new(), "no unverified blob kept");
 }
+
+/// A private registry (basic auth): without credentials or with wrong ones
+/// the template fails `unauthorized`; with them it is pulled, and the
+/// password is written nowhere (template, build log, database). A
+/// template's defaults (cpus, memory, egress) apply to the sandboxes made
+/// from it unless their create says otherwise. An image for another
+/// architecture fails `wrong platform`.
+#[tokio::test]
+async fn private_registries_template_defaults_and_platforms() {
+    let locked = Registry::start(true);
+    let (user, password) = locked.creds.clone().unwrap();
+    let open = Registry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    busybox_image(&locked, work.path(), "private");
+    push_image(
+        &open,
+        work.path(),
+        "arm",
+        "arm64",
+        &[&layer(&[E::Dir("bin", 0), E::File("bin/sh", "not x86", 0)])],
+        json!({}),
+    );
+    let d = Daemon::start().await;
+    let image = format!("{}/test/private:latest", locked.host());
+    let post = |body: Value| {
+        let d = &d;
+        async move {
+            let (s, t) = d.call(Method::POST, "/v1/templates", Some(body)).await;
+            assert_eq!(s, StatusCode::ACCEPTED, "{t}");
+            wait_built(d, t["id"].as_str().unwrap()).await
+        }
+    };
+
+    // Credentials that do not fit: 400 naming the field.
+    let (s, v) = d
+        .call(
+            Method::POST,
+            "/v1/templates",
+            Some(json!({"name": "p", "image": image, "credentials": {"username": "a:b", "password": "x"}})),
+        )
+        .await;
+    assert_eq!(
+        (s, &v["error"]["field"]),
+        (StatusCode::BAD_REQUEST, &json!("credentials.username")),
+        "{v}"
+    );
+
+    for (name, creds) in [
+        ("anonymous", Value::Null),
+        ("wrong", json!({"username": user, "password": "not-it"})),
+    ] {
+        let mut body = json!({"name": name, "image": image});
+        if !creds.is_null() {
+            body["credentials"] = creds;
+        }
+        let t = post(body).await;
+        assert_eq!(t["status"], "failed", "{t}");
+        assert!(
+            t["status_reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("unauthorized"),
+            "{t}"
+        );
+    }
+
+    let t = post(json!({
+        "name": "private",
+        "image": image,
+        "credentials": {"username": user, "password": password},
+        "cpus": 2,
+        "memory_mb": 768,
+        "egress": {"mode": "deny_all", "allow_cidrs": ["10.0.0.0/8"]},
+    }))
+    .await;
+    assert_eq!(t["status"], "ready", "{t}");
+    assert_eq!(
+        (&t["cpus"], &t["memory_mb"]),
+        (&json!(2), &json!(768)),
+        "{t}"
+    );
+    assert_eq!(t["egress"]["mode"], "deny_all", "{t}");
+    assert!(!t.to_string().contains(&password), "{t}");
+    let id = t["id"].as_str().unwrap().to_string();
+    let log = d
+        .req(Method::GET, &format!("/v1/templates/{id}/logs"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(log.contains("\"authenticated\":true"), "{log}");
+    let db = std::fs::read(d.state_dir().join("sandforge.db")).unwrap();
+    let logs: Vec<u8> = std::fs::read_dir(d.state_dir().join("templates"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        .flat_map(|e| std::fs::read(e.path()).unwrap())
+        .collect();
+    for (what, bytes) in [("database", &db), ("build logs", &logs)] {
+        assert!(
+            !bytes
+                .windows(password.len())
+                .any(|w| w == password.as_bytes()),
+            "the password is in the {what}"
+        );
+    }
+
+    // The template's defaults, unless the create says otherwise.
+    let sb = d.create(json!({"template": "private"})).await;
+    assert_eq!(
+        (&sb["cpus"], &sb["memory_mb"]),
+        (&json!(2), &json!(768)),
+        "{sb}"
+    );
+    assert_eq!(
+        (&sb["network"], &sb["egress"]["mode"]),
+        (&json!("nat"), &json!("deny_all")),
+        "{sb}"
+    );
+    let own = d
+        .create(json!({"template": "private", "cpus": 1, "network": "offline"}))
+        .await;
+    assert_eq!(
+        (&own["cpus"], &own["memory_mb"]),
+        (&json!(1), &json!(768)),
+        "{own}"
+    );
+    assert_eq!(
+        (&own["network"], own.get("egress")),
+        (&json!("offline"), None),
+        "{own}"
+    );
+    let sb_id = sb["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        d.sh_ok(&sb_id, "cat /app/hello.txt").await,
+        "hello from layer two\n"
+    );
+    for s in [&sb, &own] {
+        d.destroy(s["id"].as_str().unwrap()).await;
+    }
+
+    // Seed 003's pull again: the credentials come with it, or it fails.
+    for (creds, status) in [
+        (json!({}), "failed"),
+        (
+            json!({"credentials": {"username": user, "password": password}}),
+            "ready",
+        ),
+    ] {
+        let (s, t) = d
+            .call(
+                Method::POST,
+                &format!("/api/sandbox/templates/{id}/pull"),
+                Some(creds),
+            )
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{t}");
+        let t = wait_built(&d, &id).await;
+        assert_eq!(t["status"], status, "{t}");
+    }
+
+    // Another architecture: failed, saying which.
+    let t = post(json!({"name": "arm", "image": format!("{}/test/arm:latest", open.host())})).await;
+    assert_eq!(t["status"], "failed", "{t}");
+    let reason = t["status_reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("wrong platform") && reason.contains("arm64"),
+        "{t}"
+    );
+}

@@ -17,11 +17,13 @@ pub struct Registry {
     child: Child,
     pub port: u16,
     pub storage: PathBuf,
+    /// The user and password a registry started with `htpasswd` accepts.
+    pub creds: Option<(String, String)>,
     _dir: tempfile::TempDir,
 }
 
 impl Registry {
-    /// `htpasswd`: require basic auth (the registry makes up a user).
+    /// `htpasswd`: require basic auth, with one user (`creds`).
     pub fn start(htpasswd: bool) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let storage = dir.path().join("storage");
@@ -30,6 +32,29 @@ impl Registry {
             .local_addr()
             .unwrap()
             .port();
+        let creds = htpasswd.then(|| {
+            let password = format!("{:016x}", rand_u64());
+            // bcrypt, the only scheme the registry's htpasswd takes
+            // (glibc's crypt does it; python3 is on every test machine).
+            let out = Command::new("python3")
+                .args([
+                    "-W",
+                    "ignore",
+                    "-c",
+                    "import crypt,sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))",
+                    &password,
+                ])
+                .output()
+                .expect("python3");
+            assert!(out.status.success(), "bcrypt: {out:?}");
+            let hash = String::from_utf8(out.stdout).unwrap();
+            std::fs::write(
+                dir.path().join("htpasswd"),
+                format!("tester:{}\n", hash.trim()),
+            )
+            .unwrap();
+            ("tester".to_string(), password)
+        });
         let auth = if htpasswd {
             format!(
                 "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
@@ -58,6 +83,7 @@ impl Registry {
             child,
             port,
             storage,
+            creds,
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -88,6 +114,18 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    h.finish()
 }
 
 pub fn sha(data: &[u8]) -> String {
@@ -238,6 +276,11 @@ impl Layout {
                 "--all",
                 "--dest-tls-verify=false",
             ])
+            .args(
+                reg.creds
+                    .iter()
+                    .flat_map(|(u, p)| ["--dest-creds".to_string(), format!("{u}:{p}")]),
+            )
             .arg(format!("oci:{}:t", self.dir.display()))
             .arg(format!("docker://{}/test/{name}", reg.host()))
             .output()

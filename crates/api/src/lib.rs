@@ -20,7 +20,10 @@ pub use network::{Cidr, Egress, EgressMode, Network, NetworkPolicy, PatchSandbox
 pub use sandbox::{
     CreateSandbox, DeleteResponse, Health, Isolation, Mount, Sandbox, SandboxStatus,
 };
-pub use template::{CreateTemplate, Template, TemplateSource, TemplateStatus};
+pub use template::{
+    CreateTemplate, RebuildTemplate, RegistryCredentials, Template, TemplateDefaults,
+    TemplateSource, TemplateStatus, ValidTemplate,
+};
 
 /// A validation failure: the offending field and why.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

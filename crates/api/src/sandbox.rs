@@ -139,8 +139,10 @@ pub struct CreateSandbox {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidCreate {
     pub name: Option<String>,
-    pub cpus: u32,
-    pub memory_mb: u64,
+    /// `None`: the template's default, else [`DEFAULT_CPUS`].
+    pub cpus: Option<u32>,
+    /// `None`: the template's default, else [`DEFAULT_MEMORY_MB`].
+    pub memory_mb: Option<u64>,
     /// `None`: the template's default.
     pub network: Option<Network>,
     /// `None`: the template's default policy.
@@ -156,6 +158,60 @@ pub struct ValidCreate {
 }
 
 pub const DEFAULT_TEMPLATE: &str = "default";
+/// vCPUs of a sandbox when neither its create nor its template says.
+pub const DEFAULT_CPUS: u32 = 1;
+/// Memory of a sandbox when neither its create nor its template says.
+pub const DEFAULT_MEMORY_MB: u64 = 512;
+
+/// `cpu` and `cpus` (one setting, two spellings; seeds differ), checked.
+pub fn validate_cpus(cpu: Option<u32>, cpus: Option<u32>) -> Result<Option<u32>, Invalid> {
+    let n = match (cpu, cpus) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(Invalid::new(
+                "cpus",
+                "cpu and cpus are the same setting; they disagree",
+            ))
+        }
+        (a, b) => a.or(b),
+    };
+    match n {
+        Some(n) if n == 0 || n > limits::MAX_CPUS => Err(Invalid::new(
+            "cpu",
+            format!("must be between 1 and {}", limits::MAX_CPUS),
+        )),
+        n => Ok(n),
+    }
+}
+
+pub fn validate_memory_mb(m: Option<u64>) -> Result<Option<u64>, Invalid> {
+    match m {
+        Some(m) if !(limits::MIN_MEMORY_MB..=limits::MAX_MEMORY_MB).contains(&m) => {
+            Err(Invalid::new(
+                "memory_mb",
+                format!(
+                    "must be between {} and {}",
+                    limits::MIN_MEMORY_MB,
+                    limits::MAX_MEMORY_MB
+                ),
+            ))
+        }
+        m => Ok(m),
+    }
+}
+
+pub fn validate_disk_mb(d: Option<u64>) -> Result<Option<u64>, Invalid> {
+    match d {
+        Some(d) if !(limits::MIN_DISK_MB..=limits::MAX_DISK_MB).contains(&d) => Err(Invalid::new(
+            "disk_mb",
+            format!(
+                "must be between {} and {}",
+                limits::MIN_DISK_MB,
+                limits::MAX_DISK_MB
+            ),
+        )),
+        d => Ok(d),
+    }
+}
 
 /// Guest paths a mount may not cover (the agent's own files and kernel fs).
 const RESERVED_GUEST_PATHS: [&str; 4] = ["/proc", "/sys", "/dev", "/.sandforge"];
@@ -185,32 +241,8 @@ pub fn validate_name(field: &str, name: &str) -> Result<(), Invalid> {
 
 impl CreateSandbox {
     pub fn validate(self) -> Result<ValidCreate, Invalid> {
-        let cpus = match (self.cpu, self.cpus) {
-            (Some(a), Some(b)) if a != b => {
-                return Err(Invalid::new(
-                    "cpus",
-                    "cpu and cpus are the same setting; they disagree",
-                ))
-            }
-            (a, b) => a.or(b).unwrap_or(1),
-        };
-        if cpus == 0 || cpus > limits::MAX_CPUS {
-            return Err(Invalid::new(
-                "cpu",
-                format!("must be between 1 and {}", limits::MAX_CPUS),
-            ));
-        }
-        let memory_mb = self.memory_mb.unwrap_or(512);
-        if !(limits::MIN_MEMORY_MB..=limits::MAX_MEMORY_MB).contains(&memory_mb) {
-            return Err(Invalid::new(
-                "memory_mb",
-                format!(
-                    "must be between {} and {}",
-                    limits::MIN_MEMORY_MB,
-                    limits::MAX_MEMORY_MB
-                ),
-            ));
-        }
+        let cpus = validate_cpus(self.cpu, self.cpus)?;
+        let memory_mb = validate_memory_mb(self.memory_mb)?;
         let lifecycle = crate::Lifecycle::validate(
             self.mode,
             self.timeout.as_deref(),
@@ -229,18 +261,7 @@ impl CreateSandbox {
                 "an offline sandbox has no egress to filter",
             ));
         }
-        if let Some(d) = self.disk_mb {
-            if !(limits::MIN_DISK_MB..=limits::MAX_DISK_MB).contains(&d) {
-                return Err(Invalid::new(
-                    "disk_mb",
-                    format!(
-                        "must be between {} and {}",
-                        limits::MIN_DISK_MB,
-                        limits::MAX_DISK_MB
-                    ),
-                ));
-            }
-        }
+        validate_disk_mb(self.disk_mb)?;
         if let Some(i) = &self.init {
             if i.trim().is_empty() || i.len() > limits::MAX_COMMAND_BYTES {
                 return Err(Invalid::new(
@@ -435,10 +456,13 @@ mod tests {
         let v = create("{}").unwrap();
         assert_eq!(
             (v.cpus, v.memory_mb, v.template.as_str()),
-            (1, 512, "default")
+            (None, None, "default"),
+            "left to the template, then DEFAULT_CPUS/DEFAULT_MEMORY_MB"
         );
-        assert_eq!(create(r#"{"cpus":2}"#).unwrap().cpus, 2);
-        assert_eq!(create(r#"{"cpu":2,"cpus":2}"#).unwrap().cpus, 2);
+        assert_eq!(create(r#"{"cpus":2}"#).unwrap().cpus, Some(2));
+        assert_eq!(create(r#"{"cpu":2,"cpus":2}"#).unwrap().cpus, Some(2));
+        assert_eq!(create(r#"{"cpu":0}"#).unwrap_err().field, "cpu");
+        assert_eq!(create(r#"{"memory_mb":1}"#).unwrap_err().field, "memory_mb");
         assert_eq!(create(r#"{"cpu":2,"cpus":3}"#).unwrap_err().field, "cpus");
         assert_eq!(create(r#"{"template_id":"x"}"#).unwrap().template, "x");
     }

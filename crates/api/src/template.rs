@@ -7,8 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::sandbox::validate_name;
-use crate::Invalid;
+use crate::sandbox::{validate_cpus, validate_disk_mb, validate_memory_mb, validate_name};
+use crate::{Egress, Invalid};
 
 /// Where a template came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +67,83 @@ pub struct Template {
     pub created_at: String,
     /// True for the host's built-in templates (they cannot be deleted).
     pub builtin: bool,
+    /// What a sandbox created from it gets when its create does not say.
+    #[serde(flatten)]
+    pub defaults: TemplateDefaults,
+}
+
+/// A template's defaults for the sandboxes created from it (seed 001: "if
+/// omitted, the template's default egress policy is used"). Each one
+/// applies only when the create request leaves it out.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TemplateDefaults {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Egress>,
+}
+
+/// Credentials for a registry that wants them (HTTP basic). Used for the
+/// pull they come with and never stored: a rebuild takes them again.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryCredentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Longest registry user name and password accepted.
+pub const MAX_CREDENTIAL_LEN: usize = 4096;
+
+impl RegistryCredentials {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let ok = |s: &str| {
+            !s.is_empty() && s.len() <= MAX_CREDENTIAL_LEN && !s.contains(['\0', '\n', '\r'])
+        };
+        if !ok(&self.username) || self.username.contains(':') {
+            return Err(Invalid::new(
+                "credentials.username",
+                format!("must be 1-{MAX_CREDENTIAL_LEN} bytes without ':' or line breaks"),
+            ));
+        }
+        if !ok(&self.password) {
+            return Err(Invalid::new(
+                "credentials.password",
+                format!("must be 1-{MAX_CREDENTIAL_LEN} bytes without line breaks"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Body of seed 003's `build`/`pull` (optional): credentials for this pull.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebuildTemplate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<RegistryCredentials>,
+}
+
+/// A create request with every field checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidTemplate {
+    pub name: String,
+    pub source: TemplateSource,
+    pub defaults: TemplateDefaults,
+    pub credentials: Option<RegistryCredentials>,
 }
 
 /// `POST /v1/templates`: `{"name", "image"}` (or `{"name", "source":
@@ -79,14 +156,28 @@ pub struct CreateTemplate {
     pub image: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<TemplateSource>,
+    /// Registry credentials for this pull (never stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<RegistryCredentials>,
+    /// Defaults of the sandboxes created from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Egress>,
 }
 
 /// Longest image reference accepted.
 pub const MAX_REFERENCE_LEN: usize = 512;
 
 impl CreateTemplate {
-    /// The name and what to build it from.
-    pub fn validate(self) -> Result<(String, TemplateSource), Invalid> {
+    /// The name, what to build it from, its defaults and credentials.
+    pub fn validate(self) -> Result<ValidTemplate, Invalid> {
         validate_name("name", &self.name)?;
         if self.name.starts_with("tmpl_") || self.name == "base" {
             return Err(Invalid::new(
@@ -132,7 +223,24 @@ impl CreateTemplate {
                 format!("'{reference}' is not an image reference ([registry/]repository[:tag][@sha256:digest])"),
             ));
         }
-        Ok((self.name, source))
+        if let Some(c) = &self.credentials {
+            c.validate()?;
+        }
+        if let Some(e) = &self.egress {
+            e.validate("egress")?;
+        }
+        let defaults = TemplateDefaults {
+            cpus: validate_cpus(self.cpu, self.cpus)?,
+            memory_mb: validate_memory_mb(self.memory_mb)?,
+            disk_mb: validate_disk_mb(self.disk_mb)?,
+            egress: self.egress,
+        };
+        Ok(ValidTemplate {
+            name: self.name,
+            source,
+            defaults,
+            credentials: self.credentials,
+        })
     }
 }
 
@@ -144,6 +252,60 @@ mod tests {
         serde_json::from_str::<CreateTemplate>(json)
             .unwrap()
             .validate()
+            .map(|v| (v.name, v.source))
+    }
+
+    fn full(json: &str) -> Result<ValidTemplate, Invalid> {
+        serde_json::from_str::<CreateTemplate>(json)
+            .unwrap()
+            .validate()
+    }
+
+    #[test]
+    fn defaults_and_credentials() {
+        let v = full(
+            r#"{"name":"py","image":"r/p","cpu":2,"memory_mb":1024,"disk_mb":2048,
+                "egress":{"mode":"deny_all","allow_cidrs":["10.0.0.0/8"]},
+                "credentials":{"username":"u","password":"p:w"}}"#,
+        )
+        .unwrap();
+        assert_eq!(v.defaults.cpus, Some(2));
+        assert_eq!(v.defaults.memory_mb, Some(1024));
+        assert_eq!(v.defaults.disk_mb, Some(2048));
+        assert!(v.defaults.egress.is_some());
+        assert!(
+            !format!("{:?}", v.credentials).contains("p:w"),
+            "never printed"
+        );
+        assert_eq!(
+            full(r#"{"name":"py","image":"r/p"}"#).unwrap().defaults,
+            TemplateDefaults::default()
+        );
+        for (bad, field) in [
+            (r#""cpu":0"#, "cpu"),
+            (r#""cpu":1,"cpus":2"#, "cpus"),
+            (r#""memory_mb":1"#, "memory_mb"),
+            (r#""disk_mb":1"#, "disk_mb"),
+            (
+                r#""egress":{"mode":"deny_all","allow_cidrs":["nope"]}"#,
+                "egress",
+            ),
+            (
+                r#""credentials":{"username":"","password":"p"}"#,
+                "credentials.username",
+            ),
+            (
+                r#""credentials":{"username":"a:b","password":"p"}"#,
+                "credentials.username",
+            ),
+            (
+                r#""credentials":{"username":"u","password":""}"#,
+                "credentials.password",
+            ),
+        ] {
+            let e = full(&format!(r#"{{"name":"py","image":"r/p",{bad}}}"#)).unwrap_err();
+            assert!(e.field.starts_with(field), "{bad}: {e:?}");
+        }
     }
 
     #[test]

@@ -271,15 +271,20 @@ impl Controller {
     /// `vm_disk_mb`), never less than their template's image; containers
     /// get `disk_mb` (default `container_disk_mb`; 0: none) for their
     /// writable layer, an ext4 image of that size.
+    /// The root disk size: the create's `disk_mb`, else the template's
+    /// default (`template_disk`; for a microVM never below the template's
+    /// image), else the configured default.
     fn disk_size(
         &self,
         isolation: Isolation,
         v: &ValidCreate,
         template: &sandforge_runtime::Template,
+        template_disk: Option<u64>,
     ) -> Result<Option<u64>, ApiError> {
         if isolation == Isolation::Container {
             return Ok(v
                 .disk_mb
+                .or(template_disk)
                 .or(Some(self.cfg.container_disk_mb).filter(|&mb| mb > 0)));
         }
         let image = sandforge_runtime::microvm::base_image(template);
@@ -295,7 +300,23 @@ impl Controller {
                 ),
             )),
             Some(d) => Ok(Some(d)),
-            None => Ok(Some(self.cfg.vm_disk_mb.max(min))),
+            None => Ok(Some(template_disk.unwrap_or(self.cfg.vm_disk_mb).max(min))),
+        }
+    }
+
+    /// What the create left out comes from its template (seed 001: "if
+    /// omitted, the template's default egress policy is used"). A
+    /// template's egress applies only where the create did not ask for an
+    /// offline sandbox and the host has networking (offline is never less
+    /// safe than a policy).
+    fn apply_template_defaults(&self, v: &mut ValidCreate, d: sandforge_api::TemplateDefaults) {
+        v.cpus = v.cpus.or(d.cpus);
+        v.memory_mb = v.memory_mb.or(d.memory_mb);
+        if v.egress.is_none()
+            && v.network != Some(sandforge_api::Network::Offline)
+            && self.network.is_some()
+        {
+            v.egress = d.egress;
         }
     }
 
@@ -304,11 +325,13 @@ impl Controller {
             return self.fork(org, req).await;
         }
         let egress_field = crate::network::egress_field(req.network_policy.is_some());
-        let v = req.validate()?;
+        let mut v = req.validate()?;
         let isolation = v.isolation.unwrap_or(self.default_isolation);
         let backend = self.backend(isolation)?;
-        let stored = self.resolve_template(org, &v.template)?;
+        let (stored, defaults) = self.resolve_template_with_defaults(org, &v.template)?;
         let template = self.templates.get(&stored)?;
+        let template_disk = v.disk_mb.is_none().then_some(defaults.disk_mb).flatten();
+        self.apply_template_defaults(&mut v, defaults);
         if isolation == Isolation::Microvm
             && !sandforge_runtime::microvm::base_image(&template).exists()
         {
@@ -321,7 +344,7 @@ impl Controller {
             )
             .field("isolation"));
         }
-        let disk_mb = self.disk_size(isolation, &v, &template)?;
+        let disk_mb = self.disk_size(isolation, &v, &template, template_disk)?;
         let resolved = self.resolve_mounts(&v)?;
         let (network, egress) = self.net_choice(&v, egress_field)?;
         let id = new_id();
@@ -341,8 +364,10 @@ impl Controller {
                     None
                 },
                 template: stored,
-                cpus: v.cpus,
-                memory_mb: v.memory_mb,
+                cpus: v.cpus.unwrap_or(sandforge_api::sandbox::DEFAULT_CPUS),
+                memory_mb: v
+                    .memory_mb
+                    .unwrap_or(sandforge_api::sandbox::DEFAULT_MEMORY_MB),
                 disk_mb,
                 network,
                 net_slot: None,

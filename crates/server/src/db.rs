@@ -111,9 +111,20 @@ CREATE TABLE templates (
 CREATE UNIQUE INDEX templates_org_name ON templates(ifnull(org, ''), name);
 ";
 
+/// Migration 4: a template's defaults for its sandboxes (JSON
+/// `TemplateDefaults`: cpus, memory_mb, disk_mb, egress).
+const TEMPLATE_DEFAULTS: &str = "
+ALTER TABLE templates ADD COLUMN defaults TEXT NOT NULL DEFAULT '{}';
+";
+
 fn migrations() -> rusqlite_migration::Migrations<'static> {
     use rusqlite_migration::M;
-    rusqlite_migration::Migrations::new(vec![M::up(SCHEMA), M::up(LIVE_UNIQUE), M::up(TEMPLATES)])
+    rusqlite_migration::Migrations::new(vec![
+        M::up(SCHEMA),
+        M::up(LIVE_UNIQUE),
+        M::up(TEMPLATES),
+        M::up(TEMPLATE_DEFAULTS),
+    ])
 }
 
 /// What a new sandbox must satisfy to be inserted.

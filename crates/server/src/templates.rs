@@ -15,7 +15,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use http::StatusCode;
-use sandforge_api::{CreateTemplate, Template, TemplateSource, TemplateStatus};
+use sandforge_api::{
+    CreateTemplate, RebuildTemplate, RegistryCredentials, Template, TemplateDefaults,
+    TemplateSource, TemplateStatus,
+};
 use sandforge_runtime::image::{ImageError, ImageInfo, PullEvent, PullOptions};
 
 use crate::controller::{random_id, Controller};
@@ -106,7 +109,8 @@ impl Controller {
         org: &str,
         req: CreateTemplate,
     ) -> Result<Template, ApiError> {
-        let (name, source) = req.validate()?;
+        let v = req.validate()?;
+        let (name, source) = (v.name, v.source);
         let TemplateSource::Image { reference } = source.clone() else {
             return Err(ApiError::bad_request(
                 "source",
@@ -124,6 +128,7 @@ impl Controller {
             status_reason: None,
             size_bytes: 0,
             created_at: now(),
+            defaults: v.defaults,
         };
         std::fs::create_dir_all(self.own_templates_dir())
             .map_err(|e| ApiError::internal(format!("templates dir: {e}")))?;
@@ -135,7 +140,8 @@ impl Controller {
         })?;
         let this = self.clone();
         let id = row.id.clone();
-        tokio::spawn(async move { this.build_template(&id, &reference).await });
+        let creds = v.credentials;
+        tokio::spawn(async move { this.build_template(&id, &reference, creds).await });
         Ok(self.template_to_api(&row))
     }
 
@@ -177,7 +183,11 @@ impl Controller {
         self: &Arc<Self>,
         org: &str,
         given: &str,
+        req: RebuildTemplate,
     ) -> Result<Template, ApiError> {
+        if let Some(c) = &req.credentials {
+            c.validate()?;
+        }
         let row = self.template_row(org, given)?;
         let TemplateSource::Image { reference } = row.source.clone() else {
             return Err(ApiError::forbidden(format!(
@@ -209,11 +219,19 @@ impl Controller {
         }
         let this = self.clone();
         let id = row.id.clone();
-        tokio::spawn(async move { this.build_template(&id, &reference).await });
+        let creds = req.credentials;
+        tokio::spawn(async move { this.build_template(&id, &reference, creds).await });
         Ok(self.template_to_api(&self.template_row(org, given)?))
     }
 
-    async fn build_template(&self, id: &str, reference: &str) {
+    /// Pull `reference` into the template `id`; `credentials` are used for
+    /// this pull only (never written anywhere, not even the build log).
+    async fn build_template(
+        &self,
+        id: &str,
+        reference: &str,
+        credentials: Option<RegistryCredentials>,
+    ) {
         let log_path = self.build_log(id);
         let log = std::sync::Mutex::new(
             std::fs::OpenOptions::new()
@@ -228,12 +246,17 @@ impl Controller {
                 let _ = writeln!(f, "{line}");
             }
         };
-        write(serde_json::json!({"event": "pull", "reference": reference, "at": now()}));
+        write(serde_json::json!({
+            "event": "pull",
+            "reference": reference,
+            "authenticated": credentials.is_some(),
+            "at": now(),
+        }));
         let progress = |e: PullEvent| write(event_json(&e));
         let opts = PullOptions {
             blob_dir: self.blob_dir(),
             uid_shift: UID_SHIFT,
-            credentials: None,
+            credentials: credentials.map(|c| (c.username, c.password)),
         };
         let dest = self.own_templates_dir().join(id);
         let result = {
@@ -295,7 +318,12 @@ impl Controller {
     /// The name on disk of the template `given` (an id, a name, or `base`)
     /// that `org` may use: 404 when there is none, 409 while it is not
     /// `ready`.
-    pub(crate) fn resolve_template(&self, org: &str, given: &str) -> Result<String, ApiError> {
+    /// Also returns the template's defaults for a new sandbox.
+    pub(crate) fn resolve_template_with_defaults(
+        &self,
+        org: &str,
+        given: &str,
+    ) -> Result<(String, TemplateDefaults), ApiError> {
         let given_name = if given == BASE { DEFAULT } else { given };
         let row = if given_name.starts_with("tmpl_") {
             self.db
@@ -309,12 +337,12 @@ impl Controller {
             if !given_name.starts_with("tmpl_") && self.templates.get(given_name).is_ok() {
                 self.db
                     .ensure_builtin_template(&builtin_id(given_name), given_name)?;
-                return Ok(given_name.to_string());
+                return Ok((given_name.to_string(), TemplateDefaults::default()));
             }
             return Err(not_found(given));
         };
         match row.status {
-            TemplateStatus::Ready => Ok(stored_name(&row)),
+            TemplateStatus::Ready => Ok((stored_name(&row), row.defaults)),
             TemplateStatus::Building => Err(ApiError::conflict(
                 "template_not_ready",
                 format!("template '{given}' is still building"),
@@ -415,6 +443,7 @@ impl Controller {
             size_bytes,
             created_at: t.created_at.clone(),
             builtin,
+            defaults: t.defaults.clone(),
         }
     }
 }

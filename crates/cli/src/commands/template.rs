@@ -51,6 +51,44 @@ pub struct PullArgs {
     /// Print the template as JSON at the end instead of its id
     #[arg(long)]
     pub json: bool,
+    /// Registry user name (the password comes from --password-stdin or
+    /// SANDFORGE_REGISTRY_PASSWORD; it is used for this pull only)
+    #[arg(long)]
+    pub username: Option<String>,
+    /// Read the registry password from the first line of stdin
+    #[arg(long, requires = "username")]
+    pub password_stdin: bool,
+    /// Default vCPUs of the sandboxes made from it
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Default memory (MiB) of the sandboxes made from it
+    #[arg(long)]
+    pub memory_mb: Option<u64>,
+    /// Default root disk size (MiB) of the sandboxes made from it
+    #[arg(long)]
+    pub disk_mb: Option<u64>,
+}
+
+/// The credentials a pull was given on the command line.
+fn credentials(a: &PullArgs) -> Result<Option<sandforge_api::RegistryCredentials>> {
+    let Some(username) = a.username.clone() else {
+        return Ok(None);
+    };
+    let password = if a.password_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .context("reading the password from stdin")?;
+        line.trim_end_matches(['\r', '\n']).to_string()
+    } else {
+        std::env::var("SANDFORGE_REGISTRY_PASSWORD").context(
+            "--username needs a password: --password-stdin or SANDFORGE_REGISTRY_PASSWORD",
+        )?
+    };
+    Ok(Some(sandforge_api::RegistryCredentials {
+        username,
+        password,
+    }))
 }
 
 fn path(id: &str, suffix: &str) -> String {
@@ -96,9 +134,15 @@ pub async fn run(client: &Client, cmd: TemplateCommand) -> Result<ExitCode> {
 
 async fn pull(client: &Client, a: PullArgs) -> Result<ExitCode> {
     let body = CreateTemplate {
+        credentials: credentials(&a)?,
         name: a.name,
         image: Some(a.image),
         source: None,
+        cpu: None,
+        cpus: a.cpus,
+        memory_mb: a.memory_mb,
+        disk_mb: a.disk_mb,
+        egress: None,
     };
     let t: Template = client
         .json(client.request(Method::POST, "/v1/templates").json(&body))

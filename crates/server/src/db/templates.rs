@@ -6,7 +6,7 @@
 //! Owns the `templates` table's statements; must not touch files.
 
 use rusqlite::{params, OptionalExtension};
-use sandforge_api::{TemplateSource, TemplateStatus};
+use sandforge_api::{TemplateDefaults, TemplateSource, TemplateStatus};
 
 use super::{db_err, now, Db};
 use crate::ServerError;
@@ -22,9 +22,10 @@ pub struct TemplateRow {
     pub status_reason: Option<String>,
     pub size_bytes: u64,
     pub created_at: String,
+    pub defaults: TemplateDefaults,
 }
 
-const COLS: &str = "id, org, name, source, status, status_reason, size_bytes, created_at";
+const COLS: &str = "id, org, name, source, status, status_reason, size_bytes, created_at, defaults";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TemplateRow> {
     let bad = |i: usize, msg: String| {
@@ -32,6 +33,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TemplateRow> {
     };
     let source: String = r.get(3)?;
     let status: String = r.get(4)?;
+    let defaults: String = r.get(8)?;
     Ok(TemplateRow {
         id: r.get(0)?,
         org: r.get(1)?,
@@ -41,6 +43,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TemplateRow> {
         status_reason: r.get(5)?,
         size_bytes: r.get::<_, i64>(6)?.max(0) as u64,
         created_at: r.get(7)?,
+        defaults: serde_json::from_str(&defaults).map_err(|e| bad(8, e.to_string()))?,
     })
 }
 
@@ -59,6 +62,8 @@ impl Db {
     pub fn insert_template(&self, t: &TemplateRow) -> Result<(), TemplateRefused> {
         let source =
             serde_json::to_string(&t.source).map_err(|e| ServerError::Db(e.to_string()))?;
+        let defaults =
+            serde_json::to_string(&t.defaults).map_err(|e| ServerError::Db(e.to_string()))?;
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -74,7 +79,7 @@ impl Db {
             return Err(TemplateRefused::NameInUse(t.name.clone()));
         }
         tx.execute(
-            &format!("INSERT INTO templates({COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+            &format!("INSERT INTO templates({COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
             params![
                 t.id,
                 t.org,
@@ -83,7 +88,8 @@ impl Db {
                 t.status.as_str(),
                 t.status_reason,
                 t.size_bytes as i64,
-                t.created_at
+                t.created_at,
+                defaults
             ],
         )
         .map_err(|e| match e {
@@ -104,7 +110,7 @@ impl Db {
         self.with(|c| {
             c.execute(
                 &format!(
-                    "INSERT OR IGNORE INTO templates({COLS}) VALUES (?1, NULL, ?2, ?3, 'ready', NULL, 0, ?4)"
+                    "INSERT OR IGNORE INTO templates({COLS}) VALUES (?1, NULL, ?2, ?3, 'ready', NULL, 0, ?4, '{{}}')"
                 ),
                 params![id, name, source, now()],
             )

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
 use http::{header, StatusCode};
-use sandforge_api::{CreateTemplate, Template};
+use sandforge_api::{CreateTemplate, RebuildTemplate, Template};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -35,13 +35,15 @@ pub async fn create(
 }
 
 /// Seed 003's `POST /api/sandbox/templates/{id}/build` and `/pull`: make
-/// the template again from its source; 202 `building`.
+/// the template again from its source; 202 `building`. The body is
+/// optional: `{"credentials": {"username", "password"}}` for this pull.
 pub async fn rebuild(
     State(st): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    ApiJson(req): ApiJson<RebuildTemplate>,
 ) -> Result<(StatusCode, Json<Template>), ApiError> {
-    let t = st.controller.rebuild_template(&caller.org, &id)?;
+    let t = st.controller.rebuild_template(&caller.org, &id, req)?;
     Ok((StatusCode::ACCEPTED, Json(t)))
 }
 
