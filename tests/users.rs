@@ -393,7 +393,8 @@ async fn a_template_whose_image_names_a_user_runs_as_it_by_default() {
             Some(json!({"template": "appuser", "isolation": sandforge_tests::isolation()})),
         )
         .await;
-    if vm() && s == StatusCode::BAD_REQUEST && sb["error"]["field"] == "template" {
+    if vm() && sb["error"]["code"] == "template_unsupported" {
+        // Until pulled templates get their microVM image: then this runs.
         eprintln!("pulled templates have no microVM image in this build: {sb}");
         return;
     }
