@@ -153,6 +153,17 @@ async fn exec_runs_as_the_asked_user_and_as_root_by_default() {
         "{text}"
     );
 
+    // The CLI's `--user`/`-u`.
+    for args in [
+        ["exec", "--user", "user", id.as_str(), "--", "id", "-u"],
+        ["execute", "-u", "1000", id.as_str(), "id -u", "", ""],
+    ] {
+        let args: Vec<&str> = args.into_iter().filter(|a| !a.is_empty()).collect();
+        let out = d.cli(&args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "1000\n", "{args:?}");
+    }
+
     // An unknown user (by name or group) and a malformed one: 400 naming
     // `user`, before anything runs.
     for (user, route) in [
