@@ -49,6 +49,17 @@ pub fn isolation() -> &'static str {
     }
 }
 
+/// The built-in templates' directory the test daemons use:
+/// `SANDFORGE_TEST_TEMPLATE_DIR` when set (e.g. a cache built by
+/// `SANDFORGE_CACHE_DIR=... scripts/build-template.sh`, with its
+/// `rootfs.ext4` by `scripts/build-guest.sh`), else the daemon's default
+/// (`/var/cache/sandforge/templates`).
+pub fn template_dir() -> Option<PathBuf> {
+    std::env::var_os("SANDFORGE_TEST_TEMPLATE_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
 /// Whether this run targets microVMs.
 pub fn vm() -> bool {
     isolation() == "microvm"
@@ -150,6 +161,11 @@ impl Daemon {
         writeln!(f, "publish_listen: 127.0.0.1:{publish_port}").unwrap();
         writeln!(f, "state_dir: {}", dir.path().join("state").display()).unwrap();
         writeln!(f, "monitor_interval_secs: 1").unwrap();
+        if let Some(dir) = template_dir() {
+            if !extra.contains("template_dir:") {
+                writeln!(f, "template_dir: \"{}\"", dir.display()).unwrap();
+            }
+        }
         let list: Vec<String> = allowed
             .iter()
             .map(|p| format!("\"{}\"", p.display()))

@@ -16,15 +16,22 @@
 //! # Versioning
 //! Every route lives under `/v{PROTOCOL_VERSION}/`. The supervisor calls
 //! [`routes::INFO`] first and refuses an agent whose `proto` differs.
+//! Compatible additions are optional fields: absent ones are not sent, so an
+//! older agent (a running sandbox keeps the agent it started with) reads
+//! every request that does not use them. An agent lists what it supports
+//! beyond version 1's first shape in [`AgentInfo::features`] (e.g.
+//! [`FEATURE_USER`]), for requests an older agent would silently misread.
 
 pub mod frame;
 pub mod path;
+pub mod user;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 pub use frame::{Frame, FrameDecoder, FrameError};
 pub use path::{validate_guest_path, PathError};
+pub use user::{Ident, UserSpec};
 
 /// The protocol version spoken by this build; bump on incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -78,6 +85,10 @@ pub struct SessionRequest {
     #[serde(default)]
     pub cwd: Option<String>,
     pub size: Resize,
+    /// Run as this user ([`UserSpec`] syntax); root when absent. An agent
+    /// without [`FEATURE_USER`] would ignore it: ask `info` first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// A session as the agent reports it.
@@ -133,7 +144,13 @@ pub struct AgentInfo {
     pub proto: u32,
     pub agent_version: String,
     pub pid: u32,
+    /// Optional capabilities of this agent (absent from older agents).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
+
+/// [`AgentInfo::features`]: exec and sessions take a `user`.
+pub const FEATURE_USER: &str = "user";
 
 /// `POST /v1/exec`: run `argv` (no shell is added by the agent).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -143,7 +160,8 @@ pub struct ExecRequest {
     /// Added on top of the agent's base environment (PATH, HOME, LANG, TERM).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// Working directory; the agent's HOME (`/root`) when absent.
+    /// Working directory; when absent the user's home for a user other
+    /// than root (`/` if it has none), else `/root` (`/` if missing).
     #[serde(default)]
     pub cwd: Option<String>,
     /// Kill the whole process group after this many milliseconds.
@@ -152,6 +170,13 @@ pub struct ExecRequest {
     /// stdin is `/dev/null`.
     #[serde(default)]
     pub stdin: Option<String>,
+    /// Run as this user ([`UserSpec`] syntax), resolved by the agent
+    /// against the sandbox's `/etc/passwd` and `/etc/group` (an unknown
+    /// name is a 400 `unknown_user`); root when absent. Not sent when
+    /// absent, so an older agent still reads the request (and refuses one
+    /// with a user: this struct denies unknown fields).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// The final frame of an exec stream.
@@ -211,7 +236,8 @@ pub struct DirEntry {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AgentError {
     /// Stable machine code: `invalid_path`, `path_escape`, `not_found`,
-    /// `is_directory`, `not_directory`, `too_large`, `bad_request`, `io`.
+    /// `is_directory`, `not_directory`, `too_large`, `bad_request`, `io`,
+    /// `unknown_user`.
     pub code: String,
     pub message: String,
 }

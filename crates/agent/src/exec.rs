@@ -1,7 +1,8 @@
 //! `POST /v1/exec`: run one command and stream its output as frames.
 //!
 //! Owns: building the child (clean environment, cwd, stdin, own session and
-//! process group, OOM score 0), pumping stdout/stderr into `Frame`s, the
+//! process group, OOM score +500, the request's user via [`crate::users`]),
+//! pumping stdout/stderr into `Frame`s, the
 //! timeout, killing the process group on timeout or when the client cancels
 //! the stream, and the final `Frame::Exit`.
 //!
@@ -33,6 +34,7 @@ use tokio::time::Instant;
 use crate::reaper::Reaper;
 use crate::reply::{self, ApiError, Body, BodySender};
 use crate::server::Agent;
+use crate::users::{self, User};
 
 /// Environment every command starts from (the request's `env` goes on top).
 pub(crate) const BASE_ENV: [(&str, &str); 4] = [
@@ -70,8 +72,9 @@ pub async fn handle(req: Request<Incoming>, agent: Arc<Agent>) -> Result<Respons
     if request.argv.is_empty() {
         return Err(ApiError::bad_request("argv must not be empty"));
     }
+    let user = resolve_user(request.user.as_deref()).await?;
     let (tx, body) = reply::channel(FRAME_QUEUE);
-    tokio::spawn(run(request, agent.reaper.clone(), tx));
+    tokio::spawn(run(request, user, agent.reaper.clone(), tx));
     let mut resp = Response::new(body);
     *resp.status_mut() = StatusCode::OK;
     resp.headers_mut().insert(
@@ -81,10 +84,22 @@ pub async fn handle(req: Request<Incoming>, agent: Arc<Agent>) -> Result<Respons
     Ok(resp)
 }
 
+/// The request's user, resolved (before any answer is sent, so an unknown
+/// one is a 400 `unknown_user`); `None` runs as the agent's own root.
+pub(crate) async fn resolve_user(spec: Option<&str>) -> Result<Option<User>, ApiError> {
+    match spec {
+        None => Ok(None),
+        Some(spec) => users::resolve_async(spec.to_string())
+            .await
+            .map(Some)
+            .map_err(|msg| ApiError::new(StatusCode::BAD_REQUEST, "unknown_user", msg)),
+    }
+}
+
 /// Run the command; every outcome ends with exactly one exit frame (unless the
 /// client is gone, in which case the process group is killed).
-async fn run(req: ExecRequest, reaper: Reaper, tx: BodySender) {
-    let mut cmd = match build_command(&req) {
+async fn run(req: ExecRequest, user: Option<User>, reaper: Reaper, tx: BodySender) {
+    let mut cmd = match build_command(&req, user.as_ref()) {
         Ok(cmd) => cmd,
         Err(msg) => return spawn_failed(&tx, msg).await,
     };
@@ -154,12 +169,13 @@ async fn run(req: ExecRequest, reaper: Reaper, tx: BodySender) {
 }
 
 /// Build the `Command` (without spawning). `Err` is a message for the client.
-fn build_command(req: &ExecRequest) -> Result<Command, String> {
-    let cwd = working_dir(req.cwd.as_deref())?;
+fn build_command(req: &ExecRequest, user: Option<&User>) -> Result<Command, String> {
+    let cwd = working_dir(req.cwd.as_deref(), user)?;
     let mut cmd = Command::new(&req.argv[0]);
     cmd.args(&req.argv[1..])
         .env_clear()
         .envs(BASE_ENV)
+        .envs(user.map(User::env).unwrap_or_default())
         .envs(&req.env)
         .current_dir(cwd)
         .stdin(if req.stdin.is_some() {
@@ -169,33 +185,49 @@ fn build_command(req: &ExecRequest) -> Result<Command, String> {
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    let creds = user.map(User::creds);
     // SAFETY: the closure runs in the forked child before exec, where only
     // async-signal-safe operations are allowed. It only issues raw syscalls
-    // through rustix (setsid, open, write, close), touches no locks and does
-    // not allocate (the path is a static C string; `io::Error::from(Errno)`
-    // is a plain OS error code). std has already reset the signal mask and
-    // SIGPIPE to defaults; the agent changes no other disposition (tokio's
-    // handlers are reset to default by exec itself).
+    // through rustix (setsid, open, write, close, setgroups, setresgid,
+    // setresuid), touches no locks and does not allocate (the path is a
+    // static C string, the credentials were built before the fork;
+    // `io::Error::from(Errno)` is a plain OS error code). std has already
+    // reset the signal mask and SIGPIPE to defaults; the agent changes no
+    // other disposition (tokio's handlers are reset to default by exec
+    // itself).
     unsafe {
-        cmd.pre_exec(child_setup);
+        cmd.pre_exec(move || {
+            child_setup()?;
+            if let Some(creds) = &creds {
+                creds.apply()?;
+            }
+            Ok(())
+        });
     }
     Ok(cmd)
 }
 
 /// The directory a command starts in: the asked one (which must exist),
+/// else for a user other than root their home (`/` when it is missing),
 /// else `/root`, else `/`.
-pub(crate) fn working_dir(asked: Option<&str>) -> Result<&str, String> {
-    match asked {
-        Some(cwd) if !Path::new(cwd).is_dir() => Err(format!(
+pub(crate) fn working_dir<'a>(
+    asked: Option<&'a str>,
+    user: Option<&'a User>,
+) -> Result<&'a str, String> {
+    match (asked, user) {
+        (Some(cwd), _) if !Path::new(cwd).is_dir() => Err(format!(
             "working directory {cwd:?} does not exist or is not a directory"
         )),
-        Some(cwd) => Ok(cwd),
-        None if Path::new("/root").is_dir() => Ok("/root"),
-        None => Ok("/"),
+        (Some(cwd), _) => Ok(cwd),
+        (None, Some(u)) if u.uid != 0 => Ok(u.default_dir()),
+        (None, _) if Path::new("/root").is_dir() => Ok("/root"),
+        (None, _) => Ok("/"),
     }
 }
 
 /// Runs in the child between fork and exec; see the SAFETY note above.
+/// Before any credential change: a process that changed its uid is no
+/// longer dumpable, and its `/proc/self` files are root's.
 pub(crate) fn child_setup() -> io::Result<()> {
     rustix::process::setsid()?;
     // Make the command the OOM killer's choice, never the agent: the agent

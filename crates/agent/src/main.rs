@@ -28,6 +28,7 @@ mod server;
 mod sessions;
 mod transport;
 mod upload;
+mod users;
 
 use std::io;
 use std::path::PathBuf;

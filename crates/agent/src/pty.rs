@@ -19,6 +19,7 @@ use rustix::termios::Winsize;
 use sandforge_agent_proto::Resize;
 
 use crate::exec::{child_setup, working_dir, BASE_ENV};
+use crate::users::User;
 
 /// A running program and the master side of its terminal (non-blocking).
 pub struct Spawned {
@@ -39,14 +40,16 @@ pub fn set_size(master: &impl AsFd, size: Resize) -> io::Result<()> {
     Ok(())
 }
 
-/// Spawn `argv` on a new PTY of `size`. `Err` is a message for the client.
+/// Spawn `argv` on a new PTY of `size`, as `user` (else as the agent's
+/// root). `Err` is a message for the client.
 pub fn spawn(
     argv: &[String],
     env: &BTreeMap<String, String>,
     cwd: Option<&str>,
     size: Resize,
+    user: Option<&User>,
 ) -> Result<Spawned, String> {
-    let cwd = working_dir(cwd)?;
+    let cwd = working_dir(cwd, user)?;
     let io_err = |what: &str, e: io::Error| format!("{what}: {e}");
     let master =
         rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
@@ -62,24 +65,43 @@ pub fn spawn(
     )
     .map_err(|e| io_err("opening the pty's terminal side", e.into()))?;
     set_size(&master, size).map_err(|e| io_err("setting the window size", e))?;
+    if let Some(u) = user {
+        // The terminal is the user's, as `login` makes it (grantpt gave it
+        // to the agent's root).
+        // SAFETY: ids other than -1, see `User::creds`.
+        let (uid, gid) = unsafe {
+            (
+                rustix::process::Uid::from_raw(u.uid),
+                rustix::process::Gid::from_raw(u.gid),
+            )
+        };
+        rustix::fs::fchown(&slave, Some(uid), Some(gid))
+            .map_err(|e| io_err("giving the terminal to the user", e.into()))?;
+    }
     let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| io_err("dup", e));
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .env_clear()
         .envs(BASE_ENV)
+        .envs(user.map(User::env).unwrap_or_default())
         .envs(env)
         .current_dir(cwd)
         .stdin(Stdio::from(dup(&slave)?))
         .stdout(Stdio::from(dup(&slave)?))
         .stderr(Stdio::from(slave));
+    let creds = user.map(User::creds);
     // SAFETY: runs in the forked child before exec, where only
     // async-signal-safe work is allowed: `child_setup` (see its note in
-    // exec.rs) and one ioctl on fd 0, which std has already made the
-    // terminal side of the pty. No locks, no allocation.
+    // exec.rs), one ioctl on fd 0, which std has already made the
+    // terminal side of the pty, and the credential calls (built before the
+    // fork). No locks, no allocation.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             child_setup()?;
             rustix::process::ioctl_tiocsctty(std::io::stdin())?;
+            if let Some(creds) = &creds {
+                creds.apply()?;
+            }
             Ok(())
         });
     }

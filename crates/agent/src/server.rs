@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use sandforge_agent_proto::{routes, AgentInfo, FileQuery, PROTOCOL_VERSION};
+use sandforge_agent_proto::{routes, AgentInfo, FileQuery, FEATURE_USER, PROTOCOL_VERSION};
 
 use crate::reaper::Reaper;
 use crate::reply::{self, ApiError, Body};
@@ -43,6 +43,7 @@ async fn route(req: Request<Incoming>, agent: Arc<Agent>) -> Result<Response<Bod
                 proto: PROTOCOL_VERSION,
                 agent_version: env!("CARGO_PKG_VERSION").to_string(),
                 pid: std::process::id(),
+                features: vec![FEATURE_USER.to_string()],
             };
             Ok(reply::json(StatusCode::OK, &info))
         }

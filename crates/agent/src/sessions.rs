@@ -256,9 +256,16 @@ impl Sessions {
                 id: id.clone(),
             }
         };
+        let user = crate::exec::resolve_user(req.user.as_deref()).await?;
         let permit = reaper.permit().await;
-        let spawned = pty::spawn(&req.argv, &req.env, req.cwd.as_deref(), req.size)
-            .map_err(ApiError::bad_request)?;
+        let spawned = pty::spawn(
+            &req.argv,
+            &req.env,
+            req.cwd.as_deref(),
+            req.size,
+            user.as_ref(),
+        )
+        .map_err(ApiError::bad_request)?;
         let status = permit.register(Pid::from_child(&spawned.child));
         drop(permit);
         // SAFETY: the `OwnedFd` owns the master fd and lives inside the

@@ -1,5 +1,8 @@
 //! Exec requests: seed 000's `/execute` (a shell command) and seed 002's
-//! `/exec` (an argv array, buffered or streamed as ndjson).
+//! `/exec` (an argv array, buffered or streamed as ndjson). Both take a
+//! `user` (also spelled `username`, as E2B's SDK does): a name, a uid as a
+//! number or a numeric string, or `user:group`; only its syntax is checked
+//! here, the sandbox's agent resolves it.
 
 use std::collections::BTreeMap;
 
@@ -19,6 +22,10 @@ pub struct ExecuteRequest {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub cwd: Option<String>,
+    /// Run as this user; the template's default user (root for the
+    /// built-in templates) when absent.
+    #[serde(default, alias = "username", skip_serializing_if = "Option::is_none")]
+    pub user: Option<User>,
 }
 
 /// `POST /v1/sandboxes/{id}/exec` (seed 002).
@@ -36,6 +43,64 @@ pub struct ExecRequest {
     /// Text fed to the command's stdin (then closed).
     #[serde(default)]
     pub stdin: Option<String>,
+    /// Run as this user; the template's default user (root for the
+    /// built-in templates) when absent.
+    #[serde(default, alias = "username", skip_serializing_if = "Option::is_none")]
+    pub user: Option<User>,
+}
+
+/// A `user` as a request spells it: a name (or `user:group`, or a numeric
+/// string) or a uid as a JSON number.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum User {
+    Id(u64),
+    Name(String),
+}
+
+/// Longest `user` accepted.
+pub const MAX_USER_BYTES: usize = 256;
+
+/// Check a `user` part: a uid/gid below 2^32-1, or a name without spaces,
+/// colons or control characters.
+fn user_part_ok(s: &str) -> bool {
+    if s.is_empty() {
+        return false;
+    }
+    if s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse::<u32>().is_ok_and(|n| n != u32::MAX);
+    }
+    !s.chars()
+        .any(|c| c.is_control() || c.is_whitespace() || c == ':')
+}
+
+impl User {
+    /// The user as the agent takes it (`name`, `uid`, `user:group`), or
+    /// why it is not one (`field` names it in the error).
+    pub fn validate(&self, field: &str) -> Result<String, Invalid> {
+        let bad = || {
+            Invalid::new(
+                field,
+                "must be a user name, a uid (a number below 4294967295) or user:group",
+            )
+        };
+        match self {
+            User::Id(n) if *n < u64::from(u32::MAX) => Ok(n.to_string()),
+            User::Id(_) => Err(bad()),
+            User::Name(s) => {
+                let ok = s.len() <= MAX_USER_BYTES
+                    && match s.split_once(':') {
+                        Some((u, g)) => user_part_ok(u) && user_part_ok(g),
+                        None => user_part_ok(s),
+                    };
+                if ok {
+                    Ok(s.clone())
+                } else {
+                    Err(bad())
+                }
+            }
+        }
+    }
 }
 
 /// What both exec flavours boil down to once validated.
@@ -46,6 +111,8 @@ pub struct ValidExec {
     pub env: BTreeMap<String, String>,
     pub cwd: Option<String>,
     pub stdin: Option<String>,
+    /// The request's user (validated syntax), `None` for the default.
+    pub user: Option<String>,
 }
 
 fn validate_common(
@@ -88,12 +155,14 @@ impl ExecuteRequest {
             ));
         }
         let timeout_seconds = validate_common(self.timeout_seconds, &self.env, &self.cwd)?;
+        let user = self.user.map(|u| u.validate("user")).transpose()?;
         Ok(ValidExec {
             argv: vec!["/bin/sh".into(), "-c".into(), command],
             timeout_seconds,
             env: self.env,
             cwd: self.cwd,
             stdin: None,
+            user,
         })
     }
 }
@@ -127,12 +196,14 @@ impl ExecRequest {
             ));
         }
         let timeout_seconds = validate_common(self.timeout_seconds, &self.env, &self.cwd)?;
+        let user = self.user.map(|u| u.validate("user")).transpose()?;
         Ok(ValidExec {
             argv,
             timeout_seconds,
             env: self.env,
             cwd: self.cwd,
             stdin: self.stdin,
+            user,
         })
     }
 }
@@ -221,6 +292,45 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(rel.validate().unwrap_err().field, "cwd");
+    }
+
+    #[test]
+    fn users() {
+        let parse = |v: &str| {
+            let body = format!(r#"{{"command":"id","user":{v}}}"#);
+            serde_json::from_str::<ExecuteRequest>(&body)
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.validate().map_err(|e| e.field))
+                .map(|v| v.user)
+        };
+        assert_eq!(parse(r#""user""#), Ok(Some("user".into())));
+        assert_eq!(parse("1000"), Ok(Some("1000".into())));
+        assert_eq!(parse(r#""1000""#), Ok(Some("1000".into())));
+        assert_eq!(parse(r#""user:staff""#), Ok(Some("user:staff".into())));
+        for bad in [
+            "\"\"",
+            r#""a b""#,
+            r#"":x""#,
+            r#""a:b:c""#,
+            "4294967295",
+            r#""4294967295""#,
+        ] {
+            assert_eq!(parse(bad), Err("user".to_string()), "{bad}");
+        }
+        assert!(parse("-1").is_err() && parse("true").is_err());
+        // E2B's SDK spells it `username`.
+        let r: ExecRequest = serde_json::from_str(r#"{"cmd":["id"],"username":"user"}"#).unwrap();
+        assert_eq!(r.validate().unwrap().user.as_deref(), Some("user"));
+        assert_eq!(
+            ExecuteRequest {
+                command: Some("id".into()),
+                ..Default::default()
+            }
+            .validate()
+            .unwrap()
+            .user,
+            None
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub mod sandbox;
 pub mod template;
 
 pub use error::{ErrorBody, ErrorDetail};
-pub use exec::{ExecEvent, ExecRequest, ExecResponse, ExecuteRequest, ExecuteResponse};
+pub use exec::{ExecEvent, ExecRequest, ExecResponse, ExecuteRequest, ExecuteResponse, User};
 pub use lifecycle::{Keepalive, Lifecycle, Mode};
 pub use network::{Cidr, Egress, EgressMode, Network, NetworkPolicy, PatchSandbox};
 pub use sandbox::{

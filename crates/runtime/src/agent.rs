@@ -298,14 +298,9 @@ impl AgentClient {
             .request(build(Method::POST, routes::EXEC, full_body(body))?)
             .await?;
         if resp.status() != StatusCode::OK {
-            let status = resp.status();
-            let body = read_answer(resp, MAX_ERROR_ANSWER)
-                .await
-                .unwrap_or_default();
-            return Err(RuntimeError::AgentProtocol(format!(
-                "exec answered {status}: {}",
-                String::from_utf8_lossy(&body)
-            )));
+            // A refusal (4xx with the agent's JSON error, e.g. an unknown
+            // `user`) is `AgentRefused`; anything else `AgentProtocol`.
+            return Err(crate::terminal::refused(resp.status(), resp).await);
         }
         Ok(ExecStream {
             body: resp.into_body(),
@@ -608,6 +603,7 @@ mod tests {
             cwd: None,
             timeout_ms: 1000,
             stdin: None,
+            user: None,
         };
         assert!(matches!(
             c.exec(&req).await,

@@ -6,7 +6,9 @@
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
-use sandforge_agent_proto::{routes, AgentError, Frame, FrameDecoder, SessionInfo, SessionRequest};
+use sandforge_agent_proto::{
+    routes, AgentError, Frame, FrameDecoder, SessionInfo, SessionRequest, FEATURE_USER,
+};
 use tokio::sync::mpsc;
 
 use crate::agent::{
@@ -58,7 +60,24 @@ pub(crate) fn refused_body(status: StatusCode, body: &[u8]) -> RuntimeError {
 }
 
 impl AgentClient {
+    /// Start a session. One with a `user` is refused (409
+    /// `agent_outdated`) by an agent that does not list [`FEATURE_USER`]:
+    /// an older agent would ignore the field and run it as root.
     pub async fn create_session(&self, req: &SessionRequest) -> Result<SessionInfo> {
+        if req.user.is_some()
+            && !self
+                .info()
+                .await?
+                .features
+                .iter()
+                .any(|f| f == FEATURE_USER)
+        {
+            return Err(RuntimeError::AgentRefused {
+                status: StatusCode::CONFLICT.as_u16(),
+                code: "agent_outdated".into(),
+                message: "this sandbox runs an agent older than `user` (a sandbox created by this version of the daemon takes it)".into(),
+            });
+        }
         let body =
             serde_json::to_vec(req).map_err(|e| RuntimeError::AgentProtocol(e.to_string()))?;
         let (status, body) = self

@@ -190,6 +190,16 @@ impl Controller {
             .filter(|w| w.starts_with('/'))
     }
 
+    /// The user a template's commands run as when a request names none
+    /// (the image config's `User`); `None` is root.
+    pub(crate) fn template_user(&self, template: &str) -> Option<String> {
+        self.templates
+            .get(template)
+            .ok()
+            .and_then(|t| t.user)
+            .filter(|u| !u.is_empty())
+    }
+
     /// The login shell of a template, when it names one.
     pub(crate) fn template_shell(&self, template: &str) -> Option<String> {
         self.templates.get(template).ok().map(|t| t.shell)

@@ -105,21 +105,29 @@ impl From<RuntimeError> for ApiError {
                 status,
                 code,
                 message,
-            } => ApiError::new(
-                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+            } => {
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
                 // Codes the agent may send, as static strings for the body.
-                match code.as_str() {
-                    "bad_request" => "invalid_request",
-                    "not_found" => "not_found",
-                    "session_exists" => "session_exists",
-                    "too_many_sessions" => "too_many_sessions",
-                    "connection_refused" => "connection_refused",
+                let (code, field) = match code.as_str() {
+                    "bad_request" => ("invalid_request", None),
+                    "not_found" => ("not_found", None),
+                    "session_exists" => ("session_exists", None),
+                    "too_many_sessions" => ("too_many_sessions", None),
+                    "connection_refused" => ("connection_refused", None),
                     // The sandbox's disk is full (its `disk_mb`).
-                    "no_space" => "limit",
-                    _ => "agent_refused",
-                },
-                message,
-            ),
+                    "no_space" => ("limit", None),
+                    // The `user` (the request's or the template's) is not
+                    // in the sandbox's /etc/passwd or /etc/group.
+                    "unknown_user" => ("invalid_request", Some("user")),
+                    // A sandbox older than `user` was asked for one.
+                    "agent_outdated" => ("agent_outdated", Some("user")),
+                    _ => ("agent_refused", None),
+                };
+                match field {
+                    Some(f) => ApiError::new(status, code, format!("{f}: {message}")).field(f),
+                    None => ApiError::new(status, code, message),
+                }
+            }
             RuntimeError::HostPath(e) => {
                 ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("mounts: {e}"))
                     .field("mounts")

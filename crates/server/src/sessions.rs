@@ -34,6 +34,7 @@ impl Controller {
             env: row.spec.env.clone(),
             cwd: None,
             size: Resize { rows: 24, cols: 80 },
+            user: self.template_user(&row.spec.template),
         };
         agent.create_session(&req).await.map(|_| ())
     }

@@ -236,3 +236,51 @@ async fn exec_stress_mixed_failures() {
     let resp = h.send(Method::GET, "/v1/info", empty()).await;
     assert_eq!(resp.status(), StatusCode::OK, "agent survived");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_as_a_user() {
+    let h = start().await;
+    let probe = "id -u; id -g; id -G; echo \"$HOME|${USER-}|${LOGNAME-}\"; pwd";
+    // The host's `nobody` (the agent reads the /etc/passwd of its root):
+    // its home does not exist, so the command starts in /.
+    let r = h
+        .exec(json!({"argv": ["sh", "-c", probe], "user": "nobody", "timeout_ms": 10000}))
+        .await;
+    assert_eq!(
+        r.out(),
+        "65534\n65534\n65534\n/nonexistent|nobody|nobody\n/\n",
+        "{:?}",
+        r.exit()
+    );
+    // A uid without an entry: gid = uid, HOME=/.
+    let r = h
+        .exec(json!({"argv": ["sh", "-c", probe], "user": "4242", "timeout_ms": 10000}))
+        .await;
+    assert_eq!(r.out(), "4242\n4242\n4242\n/||\n/\n");
+    // It cannot get root back.
+    let r = h
+        .exec(
+            json!({"argv": ["sh", "-c", "touch /root/.sf-x"], "user": "4242", "timeout_ms": 10000}),
+        )
+        .await;
+    assert_ne!(r.exit().exit_code, 0);
+    // Unknown: refused before anything starts.
+    for user in [
+        "sandforge-no-such-user",
+        "nobody:sandforge-no-such-group",
+        "a b",
+    ] {
+        let resp = h
+            .send(
+                Method::POST,
+                "/v1/exec",
+                full(json!({"argv": ["true"], "user": user, "timeout_ms": 1000}).to_string()),
+            )
+            .await;
+        assert_eq!(
+            error_of(resp).await,
+            (StatusCode::BAD_REQUEST, "unknown_user".to_string()),
+            "{user}"
+        );
+    }
+}

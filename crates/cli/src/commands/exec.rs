@@ -10,7 +10,7 @@ use clap::Args;
 use futures_util::StreamExt;
 use reqwest::header::{ACCEPT, CONTENT_TYPE};
 use reqwest::Method;
-use sandforge_api::{ExecEvent, ExecRequest, ExecResponse, ExecuteRequest};
+use sandforge_api::{ExecEvent, ExecRequest, ExecResponse, ExecuteRequest, User};
 
 use super::{err, out};
 use crate::client::{sandbox_path, ApiError, Client};
@@ -33,6 +33,10 @@ pub struct ExecOptions {
     /// Working directory inside the sandbox
     #[arg(long, value_name = "DIR")]
     pub cwd: Option<String>,
+    /// Run as this user (name, uid or user:group; default: the template's
+    /// user, root for the built-in templates)
+    #[arg(long, short = 'u')]
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -69,6 +73,7 @@ pub async fn exec(client: &Client, args: ExecArgs) -> Result<ExitCode> {
         env: parse::into_map(args.opts.env),
         cwd: args.opts.cwd,
         stdin: None,
+        user: args.opts.user.map(User::Name),
     };
     let rb = client
         .request(Method::POST, &sandbox_path(&args.id, "/exec"))
@@ -118,6 +123,7 @@ pub async fn execute(client: &Client, args: ExecuteArgs) -> Result<ExitCode> {
         timeout_seconds: timeout,
         env: parse::into_map(args.opts.env),
         cwd: args.opts.cwd,
+        user: args.opts.user.map(User::Name),
     };
     let rb = client
         .request(Method::POST, &sandbox_path(&args.id, "/execute"))

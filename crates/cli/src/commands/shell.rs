@@ -32,6 +32,10 @@ pub struct ShellArgs {
     /// Environment variable of a new session (repeatable)
     #[arg(long, value_name = "K=V", value_parser = parse::key_value)]
     pub env: Vec<(String, String)>,
+    /// Run a new session as this user (name, uid or user:group; default:
+    /// the template's user, root for the built-in templates)
+    #[arg(long, short = 'u')]
+    pub user: Option<String>,
     /// Command to run instead of the login shell (after `--`)
     #[arg(last = true)]
     pub command: Vec<String>,
@@ -110,6 +114,9 @@ fn ws_url(client: &Client, args: &ShellArgs) -> String {
     }
     for (k, v) in &args.env {
         q.push(format!("env={}", query_value(&format!("{k}={v}"))));
+    }
+    if let Some(u) = &args.user {
+        q.push(format!("user={}", query_value(u)));
     }
     if !args.command.is_empty() {
         q.push(format!(

@@ -4,7 +4,8 @@
 //! agent's streamed exec; a dropped client cancels the stream, and the agent
 //! then kills the command's process group. Buffering, within the daemon's
 //! output budget, is `crate::output`'s; a streamed call reads the agent only
-//! as fast as its client takes the lines.
+//! as fast as its client takes the lines. A request without a `user` runs
+//! as its template's default user (root unless an image config names one).
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -48,6 +49,10 @@ async fn prepare(
             .or_else(|| st.controller.template_workdir(&row.spec.template)),
         timeout_ms: v.timeout_seconds * 1000,
         stdin: v.stdin.clone(),
+        user: v
+            .user
+            .clone()
+            .or_else(|| st.controller.template_user(&row.spec.template)),
     };
     Ok(((agent, req), busy))
 }
@@ -60,6 +65,8 @@ async fn start(
 ) -> Result<ExecStream, ApiError> {
     match agent.exec(&req).await {
         Ok(s) => Ok(s),
+        // The agent read the request and said no (e.g. an unknown `user`).
+        Err(e @ sandforge_runtime::RuntimeError::AgentRefused { .. }) => Err(e.into()),
         Err(e) => Err(st.controller.agent_failed(id, e).await),
     }
 }

@@ -14,7 +14,9 @@
 //! Query: `token` (when no `Authorization` header can be sent), `cmd` (a
 //! shell command run by `/bin/sh -c`; default: the template's login
 //! shell), `cwd`, `env=K=V` (repeatable), `rows`/`cols` (1-1000, default
-//! 24x80), `session` (attach to an existing session instead).
+//! 24x80), `user` (or `username`: a name, uid or `user:group`; default the
+//! template's user, root for the built-in ones), `session` (attach to an
+//! existing session instead).
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -84,6 +86,7 @@ pub struct WsQuery {
     pub rows: Option<u16>,
     pub cols: Option<u16>,
     pub session: Option<String>,
+    pub user: Option<String>,
 }
 
 fn dim(field: &str, v: &str) -> Result<u16, ApiError> {
@@ -121,6 +124,9 @@ pub fn parse_query(raw: Option<&str>) -> Result<WsQuery, ApiError> {
                     .ok_or_else(|| ApiError::bad_request("env", "each env is KEY=VALUE"))?;
                 q.env.push((key.to_string(), value.to_string()));
             }
+            "user" | "username" => {
+                q.user = Some(sandforge_api::User::Name(v).validate("user")?);
+            }
             "rows" => q.rows = Some(dim("rows", &v)?),
             "cols" => q.cols = Some(dim("cols", &v)?),
             "session" => {
@@ -135,7 +141,7 @@ pub fn parse_query(raw: Option<&str>) -> Result<WsQuery, ApiError> {
             other => {
                 return Err(ApiError::bad_request(
                     other,
-                    "unknown query parameter (token, cmd, cwd, env, rows, cols, session)",
+                    "unknown query parameter (token, cmd, cwd, env, rows, cols, session, user)",
                 ))
             }
         }
@@ -187,6 +193,10 @@ pub async fn ws(
                 env,
                 cwd: q.cwd.clone(),
                 size,
+                user: q
+                    .user
+                    .clone()
+                    .or_else(|| st.controller.template_user(&row.spec.template)),
             };
             match agent.create_session(&req).await {
                 Ok(info) => info.id,
@@ -308,7 +318,12 @@ mod tests {
         );
         assert_eq!((q.rows, q.cols), (Some(40), Some(100)));
         assert_eq!(q.session.as_deref(), Some("s1"));
+        assert_eq!(q.user, None);
         assert_eq!(parse_query(None).unwrap(), WsQuery::default());
+        let q = parse_query(Some("user=user")).unwrap();
+        assert_eq!(q.user.as_deref(), Some("user"));
+        let q = parse_query(Some("username=1000%3A1000")).unwrap();
+        assert_eq!(q.user.as_deref(), Some("1000:1000"));
         for (bad, field) in [
             ("rows=0", "rows"),
             ("cols=5000", "cols"),
@@ -316,6 +331,9 @@ mod tests {
             ("session=a/b", "session"),
             ("cwd=rel", "cwd"),
             ("bogus=1", "bogus"),
+            ("user=", "user"),
+            ("user=a%20b", "user"),
+            ("user=4294967295", "user"),
         ] {
             assert_eq!(
                 parse_query(Some(bad)).unwrap_err().field.as_deref(),
