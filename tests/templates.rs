@@ -7,6 +7,7 @@
 //! failures (unknown tag, corrupt layer) leave a `failed` template with
 //! the reason and nothing half-made, and a delete collects its blobs.
 
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
@@ -110,10 +111,17 @@ fn busybox_image(reg: &Registry, work: &std::path::Path, name: &str) {
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
     for applet in [
-        "sh", "echo", "cat", "pwd", "ls", "env", "test", "true", "sleep", "id",
+        "sh", "echo", "cat", "pwd", "ls", "env", "test", "true", "sleep", "id", "stat",
     ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
+    // A setuid file of uid 1000, and a link to a host path: it must stay a
+    // link (nothing on the host follows it).
+    let suid = root.join("bin/suid");
+    std::fs::write(&suid, "#!/bin/sh\n").unwrap();
+    std::os::unix::fs::chown(&suid, Some(1000), Some(1000)).unwrap();
+    std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", root.join("etc/host-shadow")).unwrap();
     std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
     std::fs::write(root.join("etc/motd"), "whited out above\n").unwrap();
     let base = layer_from_dir(&root);
@@ -209,55 +217,67 @@ async fn an_image_pulled_from_a_registry_becomes_a_template() {
         "{v}"
     );
 
-    if vm() {
-        // Pulled templates have no microVM image in this version.
-        let (s, v) = d
-            .call(
-                Method::POST,
-                "/v1/sandboxes",
-                Some(json!({"template": "bb"})),
-            )
-            .await;
-        assert_eq!(
-            (s, &v["error"]["field"]),
-            (StatusCode::CONFLICT, &json!("isolation")),
-            "{v}"
-        );
-    } else {
-        // A sandbox of it, by name: the image's files, whiteout, Env and
-        // WorkingDir.
-        let sb = d
-            .create_id(json!({"template": "bb", "network": "offline"}))
-            .await;
-        let out = d
-            .sh_ok(
-                &sb,
-                "echo $GREETING; pwd; cat hello.txt; test -e /etc/motd || echo gone",
-            )
-            .await;
-        assert_eq!(
-            out,
-            "hello from the image\n/app\nhello from layer two\ngone\n"
-        );
-        // In use: no delete.
-        let (s, v) = d
-            .call(Method::DELETE, &format!("/v1/templates/{id}"), None)
-            .await;
-        assert_eq!(s, StatusCode::CONFLICT, "{v}");
-        let (s, v) = d
-            .call(
-                Method::POST,
-                &format!("/api/sandbox/templates/{id}/pull"),
-                None,
-            )
-            .await;
-        assert_eq!(s, StatusCode::CONFLICT, "{v}");
-        assert_eq!(
-            d.sh_ok(&sb, "cat hello.txt").await,
-            "hello from layer two\n"
-        );
-        d.destroy(&sb).await;
+    // A sandbox of it, by name: the image's files, whiteout, Env,
+    // WorkingDir, ownership (uid 1000 stays 1000 inside, root's files are
+    // root's), the setuid bit, a link to a host path left a link. On a
+    // microVM the first create derives the template's ext4 image: two
+    // creates at once share one derivation.
+    let body = json!({"template": "bb", "network": "offline"});
+    let (sb, other) = tokio::join!(d.create_id(body.clone()), d.create_id(body.clone()));
+    let check = "echo $GREETING; pwd; cat hello.txt; test -e /etc/motd || echo gone; \
+                 stat -c '%A %u %g' /bin/suid /app/hello.txt /app; \
+                 test -L /etc/host-shadow && ! test -e /etc/host-shadow && echo link";
+    let expected = "hello from the image\n/app\nhello from layer two\ngone\n\
+                    -rwsr-xr-x 1000 1000\n-rwxr-xr-x 0 0\ndrwxr-xr-x 0 0\nlink\n";
+    for id in [&sb, &other] {
+        assert_eq!(d.sh_ok(id, check).await, expected, "{id}");
     }
+    let vm_image = d
+        .state_dir()
+        .join("templates")
+        .join(&id)
+        .join("rootfs.ext4");
+    let log_events = |kind: &str| {
+        let log = std::fs::read_to_string(d.state_dir().join(format!("templates/{id}.log")))
+            .unwrap_or_default();
+        log.lines()
+            .filter(|l| serde_json::from_str::<Value>(l).unwrap()["event"] == kind)
+            .count()
+    };
+    if vm() {
+        let ino = std::fs::metadata(&vm_image)
+            .expect("the derived image")
+            .ino();
+        assert_eq!(log_events("vm_image"), 1, "one derivation for two creates");
+        // A later VM reuses the cached image.
+        d.destroy(&other).await;
+        let third = d.create_id(body.clone()).await;
+        assert_eq!(d.sh_ok(&third, check).await, expected);
+        assert_eq!(std::fs::metadata(&vm_image).unwrap().ino(), ino);
+        assert_eq!(log_events("vm_image"), 1, "the cached image reused");
+        d.destroy(&third).await;
+    } else {
+        assert!(!vm_image.exists(), "containers need no image");
+        d.destroy(&other).await;
+    }
+    // In use: no delete.
+    let (s, v) = d
+        .call(Method::DELETE, &format!("/v1/templates/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    let (s, v) = d
+        .call(
+            Method::POST,
+            &format!("/api/sandbox/templates/{id}/pull"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(
+        d.sh_ok(&sb, "cat hello.txt").await,
+        "hello from layer two\n"
+    );
+    d.destroy(&sb).await;
     // Seed 003's routes: the list, and a pull again from the same source.
     let (s, list) = d.call(Method::GET, "/api/sandbox/templates", None).await;
     assert_eq!(s, StatusCode::OK, "{list}");
@@ -290,6 +310,7 @@ async fn an_image_pulled_from_a_registry_becomes_a_template() {
         "a second build while one runs: {s} {v}"
     );
     assert_eq!(wait_built(&d, &id).await["status"], "ready");
+    assert!(!vm_image.exists(), "a rebuild removes the microVM image");
     let (s, v) = d
         .call(Method::POST, "/api/sandbox/templates/default/pull", None)
         .await;

@@ -309,17 +309,8 @@ impl Controller {
         let backend = self.backend(isolation)?;
         let stored = self.resolve_template(org, &v.template)?;
         let template = self.templates.get(&stored)?;
-        if isolation == Isolation::Microvm
-            && !sandforge_runtime::microvm::base_image(&template).exists()
-        {
-            return Err(ApiError::conflict(
-                "template_unsupported",
-                format!(
-                    "template '{}' has no microVM image yet (pulled templates run as containers in this version)",
-                    v.template
-                ),
-            )
-            .field("isolation"));
+        if isolation == Isolation::Microvm {
+            self.vm_image(&v.template, &template).await?;
         }
         let disk_mb = self.disk_size(isolation, &v, &template)?;
         let resolved = self.resolve_mounts(&v)?;
