@@ -482,6 +482,149 @@ pub async fn derive(t: &Template) -> Result<Derived> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::{chown, lchown, symlink};
+    use std::process::Command;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    fn sh(cmd: &mut Command) -> String {
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{cmd:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    /// A hostile tree as a pull leaves it (shifted by 100000): a file
+    /// capability of the container's root, a setuid file of uid 1000 and
+    /// a hard link to it, a link to a host path, a file owned by host root,
+    /// `.sandforge` as a file; plus a crashed derivation's temp. Two
+    /// creates at once derive it once; the image has it all unshifted.
+    #[tokio::test]
+    async fn derives_an_unshifted_image_once() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: needs root (id-mapped mounts, mkfs, loop mount)");
+            return;
+        }
+        let work = std::env::temp_dir().join(format!("sf-vmimage-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&work);
+        let dir = work.join("tmpl_test");
+        let root = dir.join("rootfs");
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("bin/ping"), "ping").unwrap();
+        // chown clears capabilities: the owner first.
+        chown(root.join("bin/ping"), Some(100000), Some(100000)).unwrap();
+        sh(Command::new("setcap")
+            .args(["-n", "100000", "cap_net_raw+ep"])
+            .arg(root.join("bin/ping")));
+        std::fs::write(root.join("bin/suid"), "suid").unwrap();
+        chown(root.join("bin/suid"), Some(101000), Some(101000)).unwrap();
+        std::fs::set_permissions(
+            root.join("bin/suid"),
+            std::fs::Permissions::from_mode(0o4755),
+        )
+        .unwrap();
+        std::fs::hard_link(root.join("bin/suid"), root.join("bin/suid2")).unwrap();
+        symlink("/etc/shadow", root.join("etc/link")).unwrap();
+        lchown(root.join("etc/link"), Some(100000), Some(100000)).unwrap();
+        std::fs::write(root.join("etc/hostroot"), "x").unwrap();
+        std::fs::write(root.join(".sandforge"), "not a directory").unwrap();
+        for p in ["", "bin", "etc", ".sandforge"] {
+            chown(root.join(p), Some(100000), Some(100000)).unwrap();
+        }
+        std::fs::write(dir.join("template.json"), r#"{"uid_shift":100000}"#).unwrap();
+        std::fs::write(dir.join(".rootfs.ext4.tmp-crashed"), "half").unwrap();
+        let t = Template {
+            name: "tmpl_test".into(),
+            rootfs: root.clone(),
+            uid_shift: 100000,
+            shell: "/bin/sh".into(),
+            env: vec![],
+            workdir: None,
+            user: None,
+        };
+
+        let done = Arc::new(AtomicUsize::new(0));
+        let counter = |done: &Arc<AtomicUsize>| {
+            let done = done.clone();
+            move |r: std::result::Result<&Derived, &str>| {
+                r.expect("derived");
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        };
+        let wait = Duration::from_secs(120);
+        let (a, b) = tokio::join!(
+            ensure(&t, wait, counter(&done)),
+            ensure(&t, wait, counter(&done))
+        );
+        assert_eq!((a.unwrap(), b.unwrap()), (Ensured::Ready, Ensured::Ready));
+        assert_eq!(done.load(Ordering::SeqCst), 1, "one derivation");
+        let image = dir.join("rootfs.ext4");
+        let md = std::fs::metadata(&image).unwrap();
+        assert_eq!(md.permissions().mode() & 0o777, 0o400);
+        assert!(md.len() >= 512 << 20);
+        assert!(
+            !dir.join(".rootfs.ext4.tmp-crashed").exists(),
+            "stale temp removed"
+        );
+        assert_eq!(
+            ensure(&t, wait, counter(&done)).await.unwrap(),
+            Ensured::Ready
+        );
+        assert_eq!(done.load(Ordering::SeqCst), 1, "cached");
+        // The tree is untouched.
+        assert_eq!(
+            std::fs::metadata(root.join("bin/suid")).unwrap().uid(),
+            101000
+        );
+
+        let mnt = work.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        sh(Command::new("mount")
+            .args(["-o", "loop,ro"])
+            .arg(&image)
+            .arg(&mnt));
+        let inspect = || -> Vec<String> {
+            let m = |p: &str| std::fs::symlink_metadata(mnt.join(p)).unwrap();
+            let caps = sh(Command::new("getcap").arg(mnt.join("bin/ping")));
+            vec![
+                format!("{} {}", m("").uid(), m("").permissions().mode() & 0o7777),
+                format!(
+                    "{} {:o}",
+                    m("bin/suid").uid(),
+                    m("bin/suid").permissions().mode() & 0o7777
+                ),
+                (m("bin/suid").ino() == m("bin/suid2").ino()).to_string(),
+                std::fs::read_link(mnt.join("etc/link"))
+                    .unwrap()
+                    .display()
+                    .to_string(),
+                m("etc/link").uid().to_string(),
+                m("etc/hostroot").uid().to_string(),
+                m(".sandforge").is_dir().to_string(),
+                m("bin/ping").uid().to_string(),
+                caps.trim().rsplit(' ').next().unwrap_or("").to_string(),
+            ]
+        };
+        let seen = inspect();
+        sh(Command::new("umount").arg(&mnt));
+        assert_eq!(
+            seen,
+            [
+                "0 493",
+                "1000 4755",
+                "true",
+                "/etc/shadow",
+                "0",
+                "65534",
+                "true",
+                "0",
+                "cap_net_raw=ep",
+            ]
+        );
+        // Removal waits for no derivation and takes the lock.
+        assert!(try_hold(&dir).unwrap().is_some());
+        std::fs::remove_dir_all(&work).unwrap();
+    }
 
     #[test]
     fn geometry_follows_build_guest() {
