@@ -5,7 +5,10 @@
 //! pulled from a real registry (Debian's `docker-registry` on loopback,
 //! images pushed with `skopeo`) becomes a template a sandbox runs, its
 //! failures (unknown tag, corrupt layer) leave a `failed` template with
-//! the reason and nothing half-made, and a delete collects its blobs.
+//! the reason and nothing half-made, and a delete collects its blobs. On
+//! a microVM the template's ext4 image is derived at its first create
+//! (once for two creates at once, then reused; a create waits for it a
+//! bounded time) and removed with the template.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::{Duration, Instant};
@@ -461,4 +464,80 @@ async fn bad_images_fail_clearly_and_leave_nothing() {
         })
         .collect();
     assert_eq!(blobs, Vec::<String>::new(), "no unverified blob kept");
+}
+
+/// A microVM create waits a bounded time for its template's image: while
+/// the derivation cannot go on (the test holds the image's lock, as a slow
+/// 10 GB derivation would keep it), the create answers 409
+/// `template_not_ready` after `vm_image_wait_secs` and the derivation
+/// goes on; a delete meanwhile is refused; once the lock is free the image
+/// is made once and the next create boots from it.
+#[tokio::test]
+async fn a_microvm_create_waits_for_its_image_a_bounded_time() {
+    if !vm() {
+        return;
+    }
+    let reg = Registry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    busybox_image(&reg, work.path(), "slow");
+    let d = Daemon::start_with_config(&[], "vm_image_wait_secs: 2").await;
+    let (s, t) = d
+        .call(
+            Method::POST,
+            "/v1/templates",
+            Some(json!({"name": "slow", "image": format!("{}/test/slow:latest", reg.host())})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{t}");
+    let id = t["id"].as_str().unwrap().to_string();
+    assert_eq!(wait_built(&d, &id).await["status"], "ready");
+    let dir = d.state_dir().join("templates").join(&id);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(".rootfs.ext4.lock"))
+        .unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+
+    let body = json!({"template": "slow", "network": "offline"});
+    let t0 = Instant::now();
+    let (s, v) = d
+        .call(Method::POST, "/v1/sandboxes", Some(body.clone()))
+        .await;
+    assert_eq!(
+        (s, &v["error"]["code"], &v["error"]["field"]),
+        (
+            StatusCode::CONFLICT,
+            &json!("template_not_ready"),
+            &json!("template")
+        ),
+        "{v}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+    let (s, v) = d
+        .call(Method::DELETE, &format!("/v1/templates/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(!dir.join("rootfs.ext4").exists());
+
+    drop(lock);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !dir.join("rootfs.ext4").exists() {
+        assert!(Instant::now() < deadline, "the derivation did not go on");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sb = d.create_id(body).await;
+    assert_eq!(
+        d.sh_ok(&sb, "cat hello.txt").await,
+        "hello from layer two\n"
+    );
+    let log = std::fs::read_to_string(d.state_dir().join(format!("templates/{id}.log"))).unwrap();
+    assert_eq!(log.matches("\"event\":\"vm_image\"").count(), 1, "{log}");
+    d.destroy(&sb).await;
+    let (s, v) = d
+        .call(Method::DELETE, &format!("/v1/templates/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    assert!(!dir.exists(), "the image goes with the template");
 }

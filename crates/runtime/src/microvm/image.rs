@@ -22,7 +22,7 @@
 //! hard links are the tree's, and a `security.capability` whose root id
 //! is `uid_shift` (a file capability that works in the container) reads
 //! back, through the mapping, as a plain one that works in the guest. An
-//! id outside the shifted range shows as the overflow id (65534). Size: as
+//! id below the shift (not from a pull) shows as the overflow id (65534). Size: as
 //! `scripts/build-guest.sh` (1.4 times what the tree allocates, at least
 //! 512 MiB more), with inodes enough for the tree. A `/.sandforge`
 //! directory (where the guest's init mounts the agent) is put in the image
@@ -59,8 +59,6 @@ use crate::template::{Template, OWN_PREFIX};
 
 const LOCK: &str = ".rootfs.ext4.lock";
 const TMP_PREFIX: &str = ".rootfs.ext4.tmp-";
-/// The ids the mapping gives back (a container's user namespace has 65536).
-const RANGE: u32 = 65536;
 /// How long `mkfs.ext4` may take: it copies every byte of the tree (about
 /// a minute for 10 GB on a disk that writes 200 MB/s).
 const MKFS_LIMIT: Duration = Duration::from_secs(3600);
@@ -142,6 +140,9 @@ where
                 table.insert(image.clone(), rx.clone());
                 let (t, image) = (t.clone(), image.clone());
                 tokio::spawn(async move {
+                    // Out of the table however the task ends: whoever comes
+                    // next finds the image, or starts again after a failure.
+                    let _out = Leave(image);
                     let r = derive(&t).await.map_err(|e| e.to_string());
                     match &r {
                         Ok(d) => tracing::info!(
@@ -155,9 +156,6 @@ where
                         Err(e) => tracing::warn!(template = %t.name, "microVM image: {e}"),
                     }
                     on_done(r.as_ref().map_err(String::as_str));
-                    // Out of the table first: whoever comes next finds the
-                    // image (or starts again after a failure).
-                    inflight().remove(&image);
                     let _ = tx.send(Some(r));
                 });
                 rx
@@ -175,6 +173,15 @@ where
             name: t.name.clone(),
             reason: format!("deriving its microVM image: {reason}"),
         })
+}
+
+/// Removes a derivation from the table when dropped.
+struct Leave(PathBuf);
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        inflight().remove(&self.0);
+    }
 }
 
 /// The image lock of a template directory, held while its files are
@@ -276,7 +283,11 @@ fn mapped_tree(t: &Template) -> Result<OwnedFd> {
             | OpenTreeFlags::AT_EMPTY_PATH,
     )
     .map_err(|e| RuntimeError::io("open_tree", &t.rootfs, e.into()))?;
-    let ns = userns_fd_map(&format!("{} 0 {RANGE}\n", t.uid_shift))?;
+    // Every id from the shift up (an image may use ids past a container's
+    // 65536: the guest sees them as the image has them; and root can read
+    // only files whose owner is mapped).
+    let range = u32::MAX - t.uid_shift;
+    let ns = userns_fd_map(&format!("{} 0 {range}\n", t.uid_shift))?;
     let attr = MountAttr {
         attr_set: MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
         attr_clr: 0,
@@ -527,6 +538,11 @@ mod tests {
         symlink("/etc/shadow", root.join("etc/link")).unwrap();
         lchown(root.join("etc/link"), Some(100000), Some(100000)).unwrap();
         std::fs::write(root.join("etc/hostroot"), "x").unwrap();
+        // An image's uid past the container's 65536, in a private file.
+        std::fs::write(root.join("etc/big"), "x").unwrap();
+        std::fs::set_permissions(root.join("etc/big"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        chown(root.join("etc/big"), Some(170000), Some(170000)).unwrap();
         std::fs::write(root.join(".sandforge"), "not a directory").unwrap();
         for p in ["", "bin", "etc", ".sandforge"] {
             chown(root.join(p), Some(100000), Some(100000)).unwrap();
@@ -600,6 +616,7 @@ mod tests {
                     .to_string(),
                 m("etc/link").uid().to_string(),
                 m("etc/hostroot").uid().to_string(),
+                m("etc/big").uid().to_string(),
                 m(".sandforge").is_dir().to_string(),
                 m("bin/ping").uid().to_string(),
                 caps.trim().rsplit(' ').next().unwrap_or("").to_string(),
@@ -616,6 +633,7 @@ mod tests {
                 "/etc/shadow",
                 "0",
                 "65534",
+                "70000",
                 "true",
                 "0",
                 "cap_net_raw=ep",
