@@ -5,8 +5,12 @@
 //! pulled from a real registry (Debian's `docker-registry` on loopback,
 //! images pushed with `skopeo`) becomes a template a sandbox runs, its
 //! failures (unknown tag, corrupt layer) leave a `failed` template with
-//! the reason and nothing half-made, and a delete collects its blobs.
+//! the reason and nothing half-made, and a delete collects its blobs. On
+//! a microVM the template's ext4 image is derived at its first create
+//! (once for two creates at once, then reused; a create waits for it a
+//! bounded time) and removed with the template.
 
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
@@ -110,10 +114,17 @@ fn busybox_image(reg: &Registry, work: &std::path::Path, name: &str) {
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
     for applet in [
-        "sh", "echo", "cat", "pwd", "ls", "env", "test", "true", "sleep", "id",
+        "sh", "echo", "cat", "pwd", "ls", "env", "test", "true", "sleep", "id", "stat",
     ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
+    // A setuid file of uid 1000, and a link to a host path: it must stay a
+    // link (nothing on the host follows it).
+    let suid = root.join("bin/suid");
+    std::fs::write(&suid, "#!/bin/sh\n").unwrap();
+    std::os::unix::fs::chown(&suid, Some(1000), Some(1000)).unwrap();
+    std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", root.join("etc/host-shadow")).unwrap();
     std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
     std::fs::write(root.join("etc/motd"), "whited out above\n").unwrap();
     let base = layer_from_dir(&root);
@@ -209,55 +220,67 @@ async fn an_image_pulled_from_a_registry_becomes_a_template() {
         "{v}"
     );
 
-    if vm() {
-        // Pulled templates have no microVM image in this version.
-        let (s, v) = d
-            .call(
-                Method::POST,
-                "/v1/sandboxes",
-                Some(json!({"template": "bb"})),
-            )
-            .await;
-        assert_eq!(
-            (s, &v["error"]["field"]),
-            (StatusCode::CONFLICT, &json!("isolation")),
-            "{v}"
-        );
-    } else {
-        // A sandbox of it, by name: the image's files, whiteout, Env and
-        // WorkingDir.
-        let sb = d
-            .create_id(json!({"template": "bb", "network": "offline"}))
-            .await;
-        let out = d
-            .sh_ok(
-                &sb,
-                "echo $GREETING; pwd; cat hello.txt; test -e /etc/motd || echo gone",
-            )
-            .await;
-        assert_eq!(
-            out,
-            "hello from the image\n/app\nhello from layer two\ngone\n"
-        );
-        // In use: no delete.
-        let (s, v) = d
-            .call(Method::DELETE, &format!("/v1/templates/{id}"), None)
-            .await;
-        assert_eq!(s, StatusCode::CONFLICT, "{v}");
-        let (s, v) = d
-            .call(
-                Method::POST,
-                &format!("/api/sandbox/templates/{id}/pull"),
-                None,
-            )
-            .await;
-        assert_eq!(s, StatusCode::CONFLICT, "{v}");
-        assert_eq!(
-            d.sh_ok(&sb, "cat hello.txt").await,
-            "hello from layer two\n"
-        );
-        d.destroy(&sb).await;
+    // A sandbox of it, by name: the image's files, whiteout, Env,
+    // WorkingDir, ownership (uid 1000 stays 1000 inside, root's files are
+    // root's), the setuid bit, a link to a host path left a link. On a
+    // microVM the first create derives the template's ext4 image: two
+    // creates at once share one derivation.
+    let body = json!({"template": "bb", "network": "offline"});
+    let (sb, other) = tokio::join!(d.create_id(body.clone()), d.create_id(body.clone()));
+    let check = "echo $GREETING; pwd; cat hello.txt; test -e /etc/motd || echo gone; \
+                 stat -c '%A %u %g' /bin/suid /app/hello.txt /app; \
+                 test -L /etc/host-shadow && ! test -e /etc/host-shadow && echo link";
+    let expected = "hello from the image\n/app\nhello from layer two\ngone\n\
+                    -rwsr-xr-x 1000 1000\n-rwxr-xr-x 0 0\ndrwxr-xr-x 0 0\nlink\n";
+    for id in [&sb, &other] {
+        assert_eq!(d.sh_ok(id, check).await, expected, "{id}");
     }
+    let vm_image = d
+        .state_dir()
+        .join("templates")
+        .join(&id)
+        .join("rootfs.ext4");
+    let log_events = |kind: &str| {
+        let log = std::fs::read_to_string(d.state_dir().join(format!("templates/{id}.log")))
+            .unwrap_or_default();
+        log.lines()
+            .filter(|l| serde_json::from_str::<Value>(l).unwrap()["event"] == kind)
+            .count()
+    };
+    if vm() {
+        let ino = std::fs::metadata(&vm_image)
+            .expect("the derived image")
+            .ino();
+        assert_eq!(log_events("vm_image"), 1, "one derivation for two creates");
+        // A later VM reuses the cached image.
+        d.destroy(&other).await;
+        let third = d.create_id(body.clone()).await;
+        assert_eq!(d.sh_ok(&third, check).await, expected);
+        assert_eq!(std::fs::metadata(&vm_image).unwrap().ino(), ino);
+        assert_eq!(log_events("vm_image"), 1, "the cached image reused");
+        d.destroy(&third).await;
+    } else {
+        assert!(!vm_image.exists(), "containers need no image");
+        d.destroy(&other).await;
+    }
+    // In use: no delete.
+    let (s, v) = d
+        .call(Method::DELETE, &format!("/v1/templates/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    let (s, v) = d
+        .call(
+            Method::POST,
+            &format!("/api/sandbox/templates/{id}/pull"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(
+        d.sh_ok(&sb, "cat hello.txt").await,
+        "hello from layer two\n"
+    );
+    d.destroy(&sb).await;
     // Seed 003's routes: the list, and a pull again from the same source.
     let (s, list) = d.call(Method::GET, "/api/sandbox/templates", None).await;
     assert_eq!(s, StatusCode::OK, "{list}");
@@ -290,6 +313,7 @@ async fn an_image_pulled_from_a_registry_becomes_a_template() {
         "a second build while one runs: {s} {v}"
     );
     assert_eq!(wait_built(&d, &id).await["status"], "ready");
+    assert!(!vm_image.exists(), "a rebuild removes the microVM image");
     let (s, v) = d
         .call(Method::POST, "/api/sandbox/templates/default/pull", None)
         .await;
@@ -612,4 +636,80 @@ async fn private_registries_template_defaults_and_platforms() {
         reason.starts_with("wrong platform") && reason.contains("arm64"),
         "{t}"
     );
+}
+
+/// A microVM create waits a bounded time for its template's image: while
+/// the derivation cannot go on (the test holds the image's lock, as a slow
+/// 10 GB derivation would keep it), the create answers 409
+/// `template_not_ready` after `vm_image_wait_secs` and the derivation
+/// goes on; a delete meanwhile is refused; once the lock is free the image
+/// is made once and the next create boots from it.
+#[tokio::test]
+async fn a_microvm_create_waits_for_its_image_a_bounded_time() {
+    if !vm() {
+        return;
+    }
+    let reg = Registry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    busybox_image(&reg, work.path(), "slow");
+    let d = Daemon::start_with_config(&[], "vm_image_wait_secs: 2").await;
+    let (s, t) = d
+        .call(
+            Method::POST,
+            "/v1/templates",
+            Some(json!({"name": "slow", "image": format!("{}/test/slow:latest", reg.host())})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{t}");
+    let id = t["id"].as_str().unwrap().to_string();
+    assert_eq!(wait_built(&d, &id).await["status"], "ready");
+    let dir = d.state_dir().join("templates").join(&id);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(".rootfs.ext4.lock"))
+        .unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+
+    let body = json!({"template": "slow", "network": "offline"});
+    let t0 = Instant::now();
+    let (s, v) = d
+        .call(Method::POST, "/v1/sandboxes", Some(body.clone()))
+        .await;
+    assert_eq!(
+        (s, &v["error"]["code"], &v["error"]["field"]),
+        (
+            StatusCode::CONFLICT,
+            &json!("template_not_ready"),
+            &json!("template")
+        ),
+        "{v}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+    let (s, v) = d
+        .call(Method::DELETE, &format!("/v1/templates/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(!dir.join("rootfs.ext4").exists());
+
+    drop(lock);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !dir.join("rootfs.ext4").exists() {
+        assert!(Instant::now() < deadline, "the derivation did not go on");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sb = d.create_id(body).await;
+    assert_eq!(
+        d.sh_ok(&sb, "cat hello.txt").await,
+        "hello from layer two\n"
+    );
+    let log = std::fs::read_to_string(d.state_dir().join(format!("templates/{id}.log"))).unwrap();
+    assert_eq!(log.matches("\"event\":\"vm_image\"").count(), 1, "{log}");
+    d.destroy(&sb).await;
+    let (s, v) = d
+        .call(Method::DELETE, &format!("/v1/templates/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    assert!(!dir.exists(), "the image goes with the template");
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use reqwest::{header, Method, StatusCode};
 use sandforge_tests::oci::{layer_from_dir, push_image, Registry};
-use sandforge_tests::{vm, Daemon, TOKEN};
+use sandforge_tests::{Daemon, TOKEN};
 use serde_json::{json, Value};
 use tokio_tungstenite::connect_async;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -404,11 +404,6 @@ async fn a_template_whose_image_names_a_user_runs_as_it_by_default() {
             Some(json!({"template": "appuser", "isolation": sandforge_tests::isolation()})),
         )
         .await;
-    if vm() && sb["error"]["code"] == "template_unsupported" {
-        // Until pulled templates get their microVM image: then this runs.
-        eprintln!("pulled templates have no microVM image in this build: {sb}");
-        return;
-    }
     assert_eq!(s, StatusCode::CREATED, "{sb}\n{}", d.log());
     let id = sb["id"].as_str().unwrap().to_string();
 

@@ -107,6 +107,7 @@ fn raw_boot(d: &Daemon, run: usize, accel: accel::Accel) {
         net: None,
         mem_path: dir.path().join("mem"),
         incoming: false,
+        base_fd: false,
     });
     // The serial console is a socket (QEMU drops output while nobody is
     // connected; the guest takes far longer than this to print anything).
@@ -174,6 +175,7 @@ async fn raw_restore(d: &Daemon, id: &str, accel: accel::Accel) -> Duration {
         net: None,
         mem_path: mem.clone(),
         incoming: true,
+        base_fd: false,
     });
     let mut child = spawn_qemu(&args);
     persist::load_device_state(&sb, &qemu::qmp_socket(dir.path()), &m)

@@ -47,6 +47,11 @@ pub struct Config {
     pub guest_dir: PathBuf,
     /// Seconds a VM has from QEMU start to its agent answering.
     pub vm_boot_timeout_secs: u64,
+    /// Seconds a microVM create waits for its template's image when it is
+    /// the template's first (the image is derived from the tree, then
+    /// cached); past that the create answers 409 `template_not_ready` and
+    /// the derivation goes on.
+    pub vm_image_wait_secs: u64,
     /// Root disk of a microVM when the create does not set `disk_mb`.
     pub vm_disk_mb: u64,
     /// Disk (writable layer) of a container when the create does not set
@@ -135,6 +140,7 @@ impl Default for Config {
             qemu_img: PathBuf::from("qemu-img"),
             guest_dir: PathBuf::from("/var/cache/sandforge/guest"),
             vm_boot_timeout_secs: 60,
+            vm_image_wait_secs: 120,
             vm_disk_mb: 2048,
             container_disk_mb: 4096,
             console_log_max_kb: 1024,
@@ -298,6 +304,7 @@ impl Config {
         range("agent_timeout_secs", self.agent_timeout_secs, 1, 3600)?;
         range("monitor_interval_secs", self.monitor_interval_secs, 1, 3600)?;
         range("vm_boot_timeout_secs", self.vm_boot_timeout_secs, 1, 3600)?;
+        range("vm_image_wait_secs", self.vm_image_wait_secs, 1, 3600)?;
         range("vm_disk_mb", self.vm_disk_mb, MIN_DISK_MB, MAX_DISK_MB)?;
         if self.container_disk_mb != 0 {
             range(
@@ -511,6 +518,7 @@ mod tests {
             ("monitor_interval_secs: 0", "monitor_interval_secs"),
             ("agent_timeout_secs: 0", "agent_timeout_secs"),
             ("vm_boot_timeout_secs: 0", "vm_boot_timeout_secs"),
+            ("vm_image_wait_secs: 0", "vm_image_wait_secs"),
             ("lifecycle_interval_ms: 5", "lifecycle_interval_ms"),
             (
                 "thermal_warm_after_secs: 999999999999",

@@ -342,17 +342,8 @@ impl Controller {
         let template = self.templates.get(&stored)?;
         let template_disk = v.disk_mb.is_none().then_some(defaults.disk_mb).flatten();
         self.apply_template_defaults(&mut v, defaults);
-        if isolation == Isolation::Microvm
-            && !sandforge_runtime::microvm::base_image(&template).exists()
-        {
-            return Err(ApiError::conflict(
-                "template_unsupported",
-                format!(
-                    "template '{}' has no microVM image yet (pulled templates run as containers in this version)",
-                    v.template
-                ),
-            )
-            .field("isolation"));
+        if isolation == Isolation::Microvm {
+            self.vm_image(&v.template, &template).await?;
         }
         let disk_mb = self.disk_size(isolation, &v, &template, template_disk)?;
         let resolved = self.resolve_mounts(&v)?;

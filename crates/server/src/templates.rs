@@ -87,6 +87,14 @@ impl Controller {
                 }
             }
         }
+        // What a crashed derivation of a microVM image left.
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with("tmpl_") {
+                    sandforge_runtime::microvm::image::remove_stale(&e.path());
+                }
+            }
+        }
         for t in self.db.building_templates()? {
             if let Some(p) = self.templates.path_of(&t.id) {
                 let _ = std::fs::remove_dir_all(p);
@@ -160,8 +168,29 @@ impl Controller {
         Ok(())
     }
 
-    /// Remove a template's files, the manifest first (a template without
-    /// it is never used); a missing directory is fine.
+    /// The lock of a template's microVM image, held while its files go:
+    /// 409 while that image is being derived.
+    fn hold_vm_image(
+        &self,
+        row: &TemplateRow,
+    ) -> Result<sandforge_runtime::microvm::image::ImageLock, ApiError> {
+        let Some(dir) = self.templates.path_of(&row.id) else {
+            return Err(ApiError::internal("template without a directory"));
+        };
+        sandforge_runtime::microvm::image::try_hold(&dir)?.ok_or_else(|| {
+            ApiError::conflict(
+                "template_in_use",
+                format!(
+                    "template '{}': its microVM image is being made for a create",
+                    row.name
+                ),
+            )
+        })
+    }
+
+    /// Remove a template's files (its microVM image with them), the
+    /// manifest first (a template without it is never used); a missing
+    /// directory is fine.
     fn remove_template_files(&self, id: &str) -> Result<(), String> {
         let _ = std::fs::remove_file(self.build_log(id));
         let Some(dir) = self.templates.path_of(id) else {
@@ -203,15 +232,21 @@ impl Controller {
                 format!("template '{}' is already building", row.name),
             ));
         }
-        if let Err(e) = self.refuse_in_use(&row) {
-            self.db.set_template_status(
-                &row.id,
-                row.status,
-                row.status_reason.as_deref(),
-                row.size_bytes,
-            )?;
-            return Err(e);
-        }
+        let held = self
+            .refuse_in_use(&row)
+            .and_then(|()| self.hold_vm_image(&row));
+        let _held = match held {
+            Ok(h) => h,
+            Err(e) => {
+                self.db.set_template_status(
+                    &row.id,
+                    row.status,
+                    row.status_reason.as_deref(),
+                    row.size_bytes,
+                )?;
+                return Err(e);
+            }
+        };
         if let Err(reason) = self.remove_template_files(&row.id) {
             self.db
                 .set_template_status(&row.id, TemplateStatus::Failed, Some(&reason), 0)?;
@@ -281,6 +316,60 @@ impl Controller {
         };
         if let Err(e) = outcome {
             tracing::error!(%id, "recording a template build: {e}");
+        }
+    }
+
+    /// The microVM image of a template a create is about to boot: there, or
+    /// derived now from the template's tree (its first microVM; cached for
+    /// the next), the create waiting at most `vm_image_wait_secs` before a
+    /// 409 `template_not_ready` while the derivation goes on. Its outcome
+    /// goes into the template's build log. A built-in template without an
+    /// image (scripts/build-guest.sh makes those) is refused with 409.
+    pub(crate) async fn vm_image(
+        &self,
+        given: &str,
+        template: &sandforge_runtime::Template,
+    ) -> Result<(), ApiError> {
+        use sandforge_runtime::microvm::image::{self, Ensured};
+        if !image::derivable(template)
+            && !sandforge_runtime::microvm::base_image(template).is_file()
+        {
+            return Err(ApiError::conflict(
+                "template_unsupported",
+                format!(
+                    "template '{given}' has no microVM image (run scripts/build-guest.sh {})",
+                    template.name
+                ),
+            )
+            .field("isolation"));
+        }
+        let log = self.build_log(&template.name);
+        let on_done = move |r: Result<&image::Derived, &str>| {
+            let line = match r {
+                Ok(d) => serde_json::json!({
+                    "event": "vm_image",
+                    "image_bytes": d.image_bytes,
+                    "tree_bytes": d.tree_bytes,
+                    "inodes": d.inodes,
+                    "took_ms": d.took.as_millis() as u64,
+                    "at": now(),
+                }),
+                Err(reason) => {
+                    serde_json::json!({"event": "vm_image_failed", "reason": reason, "at": now()})
+                }
+            };
+            append_log(&log, &line);
+        };
+        let wait = std::time::Duration::from_secs(self.cfg.vm_image_wait_secs);
+        match image::ensure(template, wait, on_done).await? {
+            Ensured::Ready => Ok(()),
+            Ensured::Pending => Err(ApiError::conflict(
+                "template_not_ready",
+                format!(
+                    "template '{given}': its microVM image is still being made (its first microVM); try again shortly"
+                ),
+            )
+            .field("template")),
         }
     }
 
@@ -405,6 +494,7 @@ impl Controller {
             ));
         }
         self.refuse_in_use(&row)?;
+        let _held = self.hold_vm_image(&row)?;
         self.remove_template_files(&row.id)
             .map_err(ApiError::internal)?;
         self.db.delete_template(&row.id)?;
@@ -445,6 +535,14 @@ impl Controller {
             builtin,
             defaults: t.defaults.clone(),
         }
+    }
+}
+
+/// Append one ndjson line to a build log (best effort).
+fn append_log(path: &std::path::Path, line: &serde_json::Value) {
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(path) {
+        let _ = writeln!(f, "{line}");
     }
 }
 

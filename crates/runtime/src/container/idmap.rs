@@ -25,21 +25,21 @@ use rustix::mount::{move_mount, open_tree, MoveMountFlags, OpenTreeFlags};
 use crate::backend::ResolvedMount;
 use crate::error::{Result, RuntimeError};
 
-const MOUNT_ATTR_RDONLY: u64 = 0x0000_0001;
-const MOUNT_ATTR_NOSUID: u64 = 0x0000_0002;
-const MOUNT_ATTR_NODEV: u64 = 0x0000_0004;
-const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+pub(crate) const MOUNT_ATTR_RDONLY: u64 = 0x0000_0001;
+pub(crate) const MOUNT_ATTR_NOSUID: u64 = 0x0000_0002;
+pub(crate) const MOUNT_ATTR_NODEV: u64 = 0x0000_0004;
+pub(crate) const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
 
 /// `struct mount_attr` of `<linux/mount.h>` (MOUNT_ATTR_SIZE_VER0 = 32).
 #[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
+pub(crate) struct MountAttr {
+    pub attr_set: u64,
+    pub attr_clr: u64,
+    pub propagation: u64,
+    pub userns_fd: u64,
 }
 
-fn setattr(fd: &OwnedFd, attr: &MountAttr) -> std::io::Result<()> {
+pub(crate) fn setattr(fd: &OwnedFd, attr: &MountAttr) -> std::io::Result<()> {
     // SAFETY: `fd` is a valid open_tree fd for the lifetime of the call, the
     // path is a NUL-terminated empty string (used with AT_EMPTY_PATH), and
     // `attr` points to a live, correctly laid out mount_attr of the size we
@@ -64,6 +64,12 @@ fn setattr(fd: &OwnedFd, attr: &MountAttr) -> std::io::Result<()> {
 /// A user namespace mapping 0..range inside to shift..shift+range outside,
 /// held open by fd (the helper process that made it is gone).
 fn userns_fd(shift: u32, range: u32) -> Result<File> {
+    userns_fd_map(&format!("0 {shift} {range}\n"))
+}
+
+/// A user namespace with `map` (uid_map/gid_map lines: `inside outside
+/// count`) for both uids and gids, held open by fd.
+pub(crate) fn userns_fd_map(map: &str) -> Result<File> {
     let mut cmd = std::process::Command::new("sleep");
     cmd.arg("30").stdin(std::process::Stdio::null());
     // SAFETY: the hook runs in the forked child before exec and only calls
@@ -78,9 +84,8 @@ fn userns_fd(shift: u32, range: u32) -> Result<File> {
         .map_err(|e| RuntimeError::Setup(format!("spawning userns helper: {e}")))?;
     let pid = child.id();
     let result = (|| {
-        let map = format!("0 {shift} {range}\n");
-        std::fs::write(format!("/proc/{pid}/uid_map"), &map)?;
-        std::fs::write(format!("/proc/{pid}/gid_map"), &map)?;
+        std::fs::write(format!("/proc/{pid}/uid_map"), map)?;
+        std::fs::write(format!("/proc/{pid}/gid_map"), map)?;
         File::open(format!("/proc/{pid}/ns/user"))
     })();
     let _ = child.kill();

@@ -12,6 +12,7 @@
 
 pub mod accel;
 pub mod identity;
+pub mod image;
 pub mod initramfs;
 pub mod memsnap;
 pub mod persist;
@@ -62,7 +63,8 @@ pub struct MicrovmBackend {
     drains: crate::console::Drains,
 }
 
-/// The read-only ext4 image of a template (built by scripts/build-guest.sh).
+/// The read-only ext4 image of a template (built by scripts/build-guest.sh
+/// for a built-in one, derived on first use by [`image`] for the API's).
 pub fn base_image(t: &Template) -> PathBuf {
     t.rootfs.with_file_name("rootfs.ext4")
 }
@@ -195,6 +197,7 @@ impl MicrovmBackend {
             net: spec.net.clone(),
             mem_path: self.mem_file(spec),
             incoming,
+            base_fd: true,
         });
         let cmdline_len = args
             .iter()
@@ -213,16 +216,26 @@ impl MicrovmBackend {
             // Not root: its own uid (std also drops supplementary groups).
             cmd.uid(id.uid).gid(id.gid);
         }
+        use command_fds::{CommandFdExt, FdMapping};
+        // The base image, opened read-only by the supervisor: QEMU's uid
+        // cannot open the template's directory (an organization's template
+        // is private), and gets only its own template's image.
+        let base = base_image(&spec.template);
+        let base_fd = std::fs::File::open(&base).map_err(|e| RuntimeError::io("open", &base, e))?;
+        let mut fds = vec![FdMapping {
+            parent_fd: base_fd.into(),
+            child_fd: qemu::BASE_FD,
+        }];
         if let Some(lease) = &spec.net {
-            use command_fds::{CommandFdExt, FdMapping};
             let tap = crate::network::tap::open(&lease.iface)
                 .map_err(|e| RuntimeError::Setup(format!("opening tap {}: {e}", lease.iface)))?;
-            cmd.fd_mappings(vec![FdMapping {
+            fds.push(FdMapping {
                 parent_fd: tap,
                 child_fd: qemu::TAP_FD,
-            }])
-            .map_err(|e| RuntimeError::Setup(format!("passing the tap to QEMU: {e}")))?;
+            });
         }
+        cmd.fd_mappings(fds)
+            .map_err(|e| RuntimeError::Setup(format!("passing descriptors to QEMU: {e}")))?;
         cmd.args(&args);
         let child = procs::spawn_detached(&mut cmd, &spec.dir.join("qemu.log"), "qemu")?;
         Ok(child)

@@ -34,6 +34,10 @@ pub struct VmArgs {
     pub mem_path: PathBuf,
     /// Wait for a migration stream (`-incoming defer`): a restore.
     pub incoming: bool,
+    /// The disk's read-only base image comes as an open file descriptor,
+    /// number [`BASE_FD`], rather than by the path its qcow2 header names:
+    /// QEMU's uid needs no access to the template's directory.
+    pub base_fd: bool,
 }
 
 /// x86 `COMMAND_LINE_SIZE` is 2048 bytes, with the terminating NUL.
@@ -43,6 +47,8 @@ pub const PORT_NAME: &str = "sandforge.agent";
 
 /// The descriptor number a VM's tap is passed to QEMU as.
 pub const TAP_FD: i32 = 3;
+/// The descriptor number the base image is passed to QEMU as.
+pub const BASE_FD: i32 = 4;
 
 // What QEMU itself creates lives in the VM's own `qemu/` directory (see
 // `identity`); the supervisor only reads there, never follows a link.
@@ -138,9 +144,23 @@ pub fn args(a: &VmArgs) -> Vec<String> {
         ),
         "-serial".into(),
         "chardev:console".into(),
+    ]);
+    let mut backing = "";
+    if a.base_fd {
+        v.extend([
+            "-add-fd".into(),
+            format!("fd={BASE_FD},set=1"),
+            "-blockdev".into(),
+            "driver=file,node-name=basefile,filename=/dev/fdset/1,read-only=on".into(),
+            "-blockdev".into(),
+            "driver=raw,node-name=base,file=basefile,read-only=on".into(),
+        ]);
+        backing = ",backing=base";
+    }
+    v.extend([
         "-drive".into(),
         format!(
-            "id=root,file={},format=qcow2,if=none,discard=unmap",
+            "id=root,file={},format=qcow2,if=none,discard=unmap{backing}",
             d(a.disk.clone())
         ),
         "-device".into(),
@@ -224,9 +244,14 @@ mod tests {
             net: None,
             mem_path: "/dev/shm/sf/sb.mem".into(),
             incoming: false,
+            base_fd: true,
         };
         let v = args(&a);
         let joined = v.join(" ");
+        assert!(joined.contains(
+            "-add-fd fd=4,set=1 -blockdev driver=file,node-name=basefile,filename=/dev/fdset/1,read-only=on"
+        ));
+        assert!(joined.contains("format=qcow2,if=none,discard=unmap,backing=base"));
         assert!(joined.contains("-accel tcg,thread=multi"));
         assert!(joined.contains("-smp 2 -m 512M"));
         assert!(joined.contains("size=512M,mem-path=/dev/shm/sf/sb.mem,share=on"));
