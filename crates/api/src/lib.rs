@@ -6,6 +6,7 @@
 //! needs no state (sizes, names, timeouts). It must not know about storage,
 //! runtimes or HTTP frameworks.
 
+pub mod dockerfile;
 pub mod error;
 pub mod exec;
 pub mod lifecycle;
@@ -20,7 +21,7 @@ pub use network::{Cidr, Egress, EgressMode, Network, NetworkPolicy, PatchSandbox
 pub use sandbox::{
     CreateSandbox, DeleteResponse, Health, Isolation, Mount, Sandbox, SandboxStatus,
 };
-pub use template::{CreateTemplate, Template, TemplateSource, TemplateStatus};
+pub use template::{CreateTemplate, SaveTemplate, Template, TemplateSource, TemplateStatus};
 
 /// A validation failure: the offending field and why.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
