@@ -80,7 +80,9 @@ async fn a_running_sandbox_saved_as_a_template_has_its_files_and_stays_as_it_was
     // Something runs in it meanwhile.
     d.sh_ok(&sb, "nohup sleep 300 >/dev/null 2>&1 & echo started")
         .await;
+    let t0 = Instant::now();
     let t = save(&d, &sb, "saved").await;
+    eprintln!("saved in {:?}", t0.elapsed());
     assert_eq!(t["status"], "ready", "{t}");
     assert!(t["size_bytes"].as_u64().unwrap() > 3 << 20, "{t}");
     let tid = t["id"].as_str().unwrap().to_string();

@@ -3,8 +3,11 @@
 //!
 //! Owns: walking `/` from the agent's root descriptor with `openat`
 //! (`O_NOFOLLOW`) and `statat(AT_SYMLINK_NOFOLLOW)`, one filesystem only
-//! (a directory on another device, i.e. a mount point, is sent empty:
-//! `/proc`, `/sys`, `/dev`, host mounts, the agent's own `/.sandforge`),
+//! (a mount point of `/proc/self/mountinfo`, or a directory on another
+//! device, is sent empty, a file mounted over another left out: `/proc`,
+//! `/sys`, `/dev`, host mounts, the agent's own `/.sandforge`; a regular
+//! file's `st_dev` is not compared, since overlayfs reports the lower
+//! layer's device for files),
 //! with `/run` sent empty too; regular files (their size at `stat` time,
 //! padded with zeros or cut if they change while read), directories,
 //! symlinks (as links, never followed), hard links (as tar links to the
@@ -17,7 +20,7 @@
 //! sandbox can replace this process) and checks every entry and byte count
 //! itself.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -117,8 +120,40 @@ impl Write for ChannelWriter {
     }
 }
 
+/// Mount points below `/` (relative paths), from `/proc/self/mountinfo`.
+fn mount_points() -> HashSet<PathBuf> {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return HashSet::new();
+    };
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| {
+            // Octal escapes: \040 space, \011 tab, \012 newline, \134 backslash.
+            let b = m.as_bytes();
+            let mut out = Vec::with_capacity(b.len());
+            let mut i = 0;
+            while i < b.len() {
+                if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+                    let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
+                    out.push(v as u8);
+                    i += 4;
+                } else {
+                    out.push(b[i]);
+                    i += 1;
+                }
+            }
+            PathBuf::from(OsStr::from_bytes(&out).to_owned())
+                .strip_prefix("/")
+                .map(PathBuf::from)
+                .unwrap_or_default()
+        })
+        .filter(|p| !p.as_os_str().is_empty())
+        .collect()
+}
+
 struct Walk<W: Write> {
     tar: tar::Builder<W>,
+    mounts: HashSet<PathBuf>,
     root_dev: u64,
     /// (dev, ino) of multiply linked files already sent → their name.
     links: HashMap<(u64, u64), PathBuf>,
@@ -144,6 +179,7 @@ fn write_tar<W: Write>(root: &OwnedFd, out: W, max_bytes: u64, measure: bool) ->
     tar.mode(tar::HeaderMode::Complete);
     let mut w = Walk {
         tar,
+        mounts: mount_points(),
         root_dev: st.st_dev,
         links: HashMap::new(),
         budget: max_bytes,
@@ -214,6 +250,7 @@ impl<W: Write> Walk<W> {
         st: &Stat,
         depth: usize,
     ) -> io::Result<()> {
+        let mounted = self.mounts.contains(path);
         match FileType::from_raw_mode(st.st_mode) {
             FileType::Directory => {
                 if !self.measure {
@@ -221,7 +258,7 @@ impl<W: Write> Walk<W> {
                     self.tar.append_data(&mut h, path, io::empty())?;
                 }
                 let top_skip = depth == 0 && EMPTY_DIRS.iter().any(|d| OsStr::new(d) == name);
-                if top_skip || st.st_dev != self.root_dev {
+                if top_skip || mounted || st.st_dev != self.root_dev {
                     return Ok(());
                 }
                 let sub = match openat(
@@ -241,6 +278,7 @@ impl<W: Write> Walk<W> {
                 }
                 self.dir_contents(&sub, path, depth + 1)
             }
+            _ if mounted => Ok(()), // a file mounted over the rootfs
             FileType::Symlink if self.measure => Ok(()),
             FileType::Symlink => {
                 let target = match rustix::fs::readlinkat(dir, name, Vec::new()) {
@@ -253,9 +291,6 @@ impl<W: Write> Walk<W> {
                 self.tar.append_link(&mut h, path, target)
             }
             FileType::RegularFile => {
-                if st.st_dev != self.root_dev {
-                    return Ok(()); // a file bind-mounted over the rootfs
-                }
                 let key = (st.st_dev, st.st_ino);
                 if st.st_nlink > 1 {
                     if let Some(first) = self.links.get(&key) {

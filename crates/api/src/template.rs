@@ -105,6 +105,7 @@ pub const MAX_CONTEXT_BYTES: usize = 1536 * 1024;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SaveTemplate {
+    #[serde(default)]
     pub name: String,
 }
 
