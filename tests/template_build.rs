@@ -88,22 +88,34 @@ async fn a_running_sandbox_saved_as_a_template_has_its_files_and_stays_as_it_was
     let tid = t["id"].as_str().unwrap().to_string();
 
     // The original: running, unchanged, its process still there.
-    let (_, v) = d.call(Method::GET, &format!("/v1/sandboxes/{sb}"), None).await;
+    let (_, v) = d
+        .call(Method::GET, &format!("/v1/sandboxes/{sb}"), None)
+        .await;
     assert_eq!(v["status"], "running", "{v}");
     assert_eq!(d.sh_ok(&sb, "cat /srv/data/a.txt").await, "saved\n");
-    assert_eq!(d.sh_ok(&sb, "pgrep -x sleep >/dev/null && echo yes").await, "yes\n");
+    assert_eq!(
+        d.sh_ok(&sb, "pgrep -x sleep >/dev/null && echo yes").await,
+        "yes\n"
+    );
 
     // A sandbox from it (by name and by id) sees the files, the deletion,
     // the ownership.
     for name in ["saved", tid.as_str()] {
         let c = container_from(&d, name).await;
         assert_eq!(d.sh_ok(&c, "cat /srv/data/a.txt").await, "saved\n");
-        assert_eq!(d.sh_ok(&c, "stat -c %u:%g /srv/data/a.txt").await, "1000:1000\n");
         assert_eq!(
-            d.sh_ok(&c, "sha256sum /srv/data/blob | cut -d' ' -f1").await,
+            d.sh_ok(&c, "stat -c %u:%g /srv/data/a.txt").await,
+            "1000:1000\n"
+        );
+        assert_eq!(
+            d.sh_ok(&c, "sha256sum /srv/data/blob | cut -d' ' -f1")
+                .await,
             sum
         );
-        assert_eq!(d.sh_ok(&c, "test -e /etc/issue || echo gone").await, "gone\n");
+        assert_eq!(
+            d.sh_ok(&c, "test -e /etc/issue || echo gone").await,
+            "gone\n"
+        );
         assert_eq!(d.sh_ok(&c, "stat -c %u /usr/bin/env").await, "0\n");
         // Writes there do not reach the original.
         d.sh_ok(&c, "echo other > /srv/data/a.txt").await;
@@ -139,7 +151,11 @@ async fn a_running_sandbox_saved_as_a_template_has_its_files_and_stays_as_it_was
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
     for (body, field) in [(json!({"name": "a b"}), "name"), (json!({}), "name")] {
         let (s, v) = d
-            .call(Method::POST, &format!("/v1/sandboxes/{sb}/template"), Some(body))
+            .call(
+                Method::POST,
+                &format!("/v1/sandboxes/{sb}/template"),
+                Some(body),
+            )
             .await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
         assert_eq!(v["error"]["field"], field, "{v}");
@@ -153,7 +169,9 @@ async fn a_running_sandbox_saved_as_a_template_has_its_files_and_stays_as_it_was
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     d.destroy(&sb).await;
-    let (s, v) = d.call(Method::DELETE, &format!("/v1/templates/{tid}"), None).await;
+    let (s, v) = d
+        .call(Method::DELETE, &format!("/v1/templates/{tid}"), None)
+        .await;
     assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
     assert!(!dir.exists());
 }
@@ -169,7 +187,9 @@ async fn a_stopped_sandbox_is_saved_and_stays_stopped() {
     assert_eq!(s, StatusCode::OK, "{v}");
     let t = save(&d, &sb, "cold").await;
     assert_eq!(t["status"], "ready", "{t}");
-    let (_, v) = d.call(Method::GET, &format!("/v1/sandboxes/{sb}"), None).await;
+    let (_, v) = d
+        .call(Method::GET, &format!("/v1/sandboxes/{sb}"), None)
+        .await;
     assert_eq!(v["status"], "stopped", "{v}");
     let c = container_from(&d, "cold").await;
     assert_eq!(d.sh_ok(&c, "cat /root/cold.txt").await, "cold\n");
@@ -196,14 +216,20 @@ async fn a_hostile_tree_is_saved_safely() {
     let t = save(&d, &sb, "hostile").await;
     assert_eq!(t["status"], "ready", "{t}");
     let tid = t["id"].as_str().unwrap();
-    let root = d.state_dir().join("templates").join(tid).join("rootfs/root");
+    let root = d
+        .state_dir()
+        .join("templates")
+        .join(tid)
+        .join("rootfs/root");
     // Links stay links (never the host's file), the hard link one inode,
     // the FIFO is not kept, the setuid file belongs to the sandbox's root.
     assert_eq!(
         std::fs::read_link(root.join("shadow")).unwrap(),
         std::path::Path::new("/etc/shadow")
     );
-    assert!(std::fs::symlink_metadata(root.join("up")).unwrap().is_symlink());
+    assert!(std::fs::symlink_metadata(root.join("up"))
+        .unwrap()
+        .is_symlink());
     let (a, b) = (
         std::fs::metadata(root.join("f")).unwrap(),
         std::fs::metadata(root.join("hard")).unwrap(),
@@ -219,7 +245,8 @@ async fn a_hostile_tree_is_saved_safely() {
     let v = d.sh(&c, "cat /root/shadow").await;
     assert_ne!(v["stdout"].as_str().unwrap(), host_shadow);
     assert_eq!(
-        d.sh_ok(&c, "stat -c %i /root/f /root/hard | uniq | wc -l").await,
+        d.sh_ok(&c, "stat -c %i /root/f /root/hard | uniq | wc -l")
+            .await,
         "1\n"
     );
     assert_eq!(
@@ -234,7 +261,8 @@ async fn a_hostile_tree_is_saved_safely() {
 async fn a_filesystem_over_the_limit_fails_the_save_cleanly() {
     let d = Daemon::start_with_config(&[], "template_max_mb: 64").await;
     let sb = d.create_id(json!({})).await;
-    d.sh_ok(&sb, "truncate -s 20G /root/sparse && echo ok").await;
+    d.sh_ok(&sb, "truncate -s 20G /root/sparse && echo ok")
+        .await;
     let t = save(&d, &sb, "huge").await;
     assert_eq!(t["status"], "failed", "{t}");
     let reason = t["status_reason"].as_str().unwrap();
@@ -306,10 +334,16 @@ RUN id -un > whoami && touch mine
 #[tokio::test]
 async fn a_dockerfile_build_makes_a_template_that_has_every_step() {
     let d = Daemon::start().await;
-    let ctx = context(&[("app/hello.txt", "hello from the context\n"), ("app/sub/x", "x")]);
+    let ctx = context(&[
+        ("app/hello.txt", "hello from the context\n"),
+        ("app/sub/x", "x"),
+    ]);
     let (s, t) = build(&d, "built", DOCKERFILE, &ctx).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{t}");
-    assert_eq!(t["source"], json!({"type": "dockerfile", "from": "default"}));
+    assert_eq!(
+        t["source"],
+        json!({"type": "dockerfile", "from": "default"})
+    );
     let tid = t["id"].as_str().unwrap().to_string();
     let t = wait_built(&d, &tid).await;
     assert_eq!(t["status"], "ready", "{t}\n{}", d.log());
@@ -322,14 +356,24 @@ async fn a_dockerfile_build_makes_a_template_that_has_every_step() {
         "hello from the context\n"
     );
     assert_eq!(d.sh_ok(&c, "cat /srv/copy/sub/x").await, "x");
-    assert_eq!(d.sh_ok(&c, "test -e /srv/copy/shadow || echo no-link").await, "no-link\n");
+    assert_eq!(
+        d.sh_ok(&c, "test -e /srv/copy/shadow || echo no-link")
+            .await,
+        "no-link\n"
+    );
     assert_eq!(d.sh_ok(&c, "echo $GREETING/$OTHER").await, "hi/two words\n");
     assert_eq!(d.sh_ok(&c, "pwd").await, "/srv/app\n");
     assert_eq!(d.sh_ok(&c, "cat /srv/app/whoami").await, "builder\n");
     assert_eq!(d.sh_ok(&c, "stat -c %U /srv/app/mine").await, "builder\n");
     d.destroy(&c).await;
     let manifest: Value = serde_json::from_slice(
-        &std::fs::read(d.state_dir().join("templates").join(&tid).join("template.json")).unwrap(),
+        &std::fs::read(
+            d.state_dir()
+                .join("templates")
+                .join(&tid)
+                .join("template.json"),
+        )
+        .unwrap(),
     )
     .unwrap();
     assert_eq!(manifest["user"], "builder", "{manifest}");
@@ -350,7 +394,10 @@ async fn a_dockerfile_build_makes_a_template_that_has_every_step() {
         .text()
         .await
         .unwrap();
-    let events: Vec<Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let events: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert!(
         events
             .iter()
@@ -363,18 +410,29 @@ async fn a_dockerfile_build_makes_a_template_that_has_every_step() {
         "{log}"
     );
     assert_eq!(events.last().unwrap()["event"], "ready", "{log}");
+}
 
-    // Seed 003's build runs it again from the kept source.
-    let (s, v) = d
-        .call(
-            Method::POST,
-            &format!("/api/sandbox/templates/{tid}/build"),
-            None,
-        )
-        .await;
+#[tokio::test]
+async fn seed_003_build_runs_a_dockerfile_template_again() {
+    let d = Daemon::start().await;
+    let (s, t) = build(&d, "again", "FROM default\nRUN date +%s%N > /stamp\n", "").await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{t}");
+    let tid = t["id"].as_str().unwrap().to_string();
+    assert_eq!(wait_built(&d, &tid).await["status"], "ready");
+    let c = container_from(&d, "again").await;
+    let first = d.sh_ok(&c, "cat /stamp").await;
+    // In use: 409.
+    let path = format!("/api/sandbox/templates/{tid}/build");
+    let (s, v) = d.call(Method::POST, &path, None).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    d.destroy(&c).await;
+    let (s, v) = d.call(Method::POST, &path, None).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let t = wait_built(&d, &tid).await;
-    assert_eq!(t["status"], "ready", "{t}");
+    assert_eq!(v["status"], "building", "{v}");
+    assert_eq!(wait_built(&d, &tid).await["status"], "ready");
+    let c = container_from(&d, "again").await;
+    assert_ne!(d.sh_ok(&c, "cat /stamp").await, first);
+    d.destroy(&c).await;
     assert!(live_sandboxes(&d).await.is_empty());
 }
 
@@ -392,13 +450,16 @@ async fn a_failing_step_fails_the_build_and_leaves_no_builder() {
     let t = wait_built(&d, t["id"].as_str().unwrap()).await;
     assert_eq!(t["status"], "failed", "{t}");
     assert_eq!(
-        t["status_reason"],
-        "step 2 (RUN echo failing >&2; exit 3) exited 3",
+        t["status_reason"], "step 2 (RUN echo failing >&2; exit 3) exited 3",
         "{t}"
     );
     assert!(live_sandboxes(&d).await.is_empty(), "the builder is left");
     let (s, v) = d
-        .call(Method::POST, "/v1/sandboxes", Some(json!({"template": "broken"})))
+        .call(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(json!({"template": "broken"})),
+        )
         .await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
     // FROM an unknown template fails too, with no sandbox.
@@ -406,7 +467,10 @@ async fn a_failing_step_fails_the_build_and_leaves_no_builder() {
     assert_eq!(s, StatusCode::ACCEPTED, "{t}");
     let t = wait_built(&d, t["id"].as_str().unwrap()).await;
     assert_eq!(t["status"], "failed", "{t}");
-    assert!(t["status_reason"].as_str().unwrap().contains("FROM nope"), "{t}");
+    assert!(
+        t["status_reason"].as_str().unwrap().contains("FROM nope"),
+        "{t}"
+    );
     assert!(live_sandboxes(&d).await.is_empty());
 }
 
@@ -417,9 +481,24 @@ async fn bad_dockerfiles_are_refused_naming_the_line() {
         ("FROM default\nEXPOSE 80\n", "", "dockerfile", "line 2"),
         ("RUN true\n", "", "dockerfile", "line 1"),
         ("FROM a\nFROM b\n", "", "dockerfile", "line 2"),
-        ("FROM default\nCOPY --chown=1 a b\n", "", "dockerfile", "line 2"),
-        ("FROM default\n\nCOPY missing /x\n", "", "dockerfile", "line 3"),
-        ("FROM default\nCOPY ../etc/passwd /x\n", "", "dockerfile", "line 2"),
+        (
+            "FROM default\nCOPY --chown=1 a b\n",
+            "",
+            "dockerfile",
+            "line 2",
+        ),
+        (
+            "FROM default\n\nCOPY missing /x\n",
+            "",
+            "dockerfile",
+            "line 3",
+        ),
+        (
+            "FROM default\nCOPY ../etc/passwd /x\n",
+            "",
+            "dockerfile",
+            "line 2",
+        ),
         ("FROM default\nRUN true\n", "!!notbase64", "context", ""),
         ("FROM default\nRUN true\n", "aGVsbG8=", "context", ""),
     ] {
@@ -467,6 +546,13 @@ async fn a_daemon_killed_mid_build_fails_the_template_and_destroys_its_builder()
     d.restart().await;
     let t = wait_built(&d, &tid).await;
     assert_eq!(t["status"], "failed", "{t}");
-    assert!(live_sandboxes(&d).await.is_empty(), "builder {builder} left");
-    assert!(d.leftovers(&builder).is_empty(), "{:?}", d.leftovers(&builder));
+    assert!(
+        live_sandboxes(&d).await.is_empty(),
+        "builder {builder} left"
+    );
+    assert!(
+        d.leftovers(&builder).is_empty(),
+        "{:?}",
+        d.leftovers(&builder)
+    );
 }

@@ -57,16 +57,17 @@ pub async fn get(agent: Arc<Agent>, query: Option<&str>) -> Result<Response<Body
     let root = rustix::io::dup(&agent.root).map_err(|e| ApiError::io(format!("dup /: {e}")))?;
     // A first pass (stat only) refuses a tree over the limit with a clear
     // answer before any byte is sent.
-    let root = crate::files::blocking(move || {
-        match write_tar(&root, io::sink(), max_bytes, true) {
-            Ok(()) => Ok(root),
-            Err(e) if e.kind() == io::ErrorKind::FileTooLarge => {
-                Err(ApiError::too_large(e.to_string()))
-            }
-            Err(e) => Err(ApiError::io(format!("reading the root filesystem: {e}"))),
-        }
-    })
-    .await?;
+    let root =
+        crate::files::blocking(
+            move || match write_tar(&root, io::sink(), max_bytes, true) {
+                Ok(()) => Ok(root),
+                Err(e) if e.kind() == io::ErrorKind::FileTooLarge => {
+                    Err(ApiError::too_large(e.to_string()))
+                }
+                Err(e) => Err(ApiError::io(format!("reading the root filesystem: {e}"))),
+            },
+        )
+        .await?;
     let (tx, body) = reply::channel(8);
     tokio::task::spawn_blocking(move || {
         let writer = ChannelWriter {
@@ -133,8 +134,13 @@ fn mount_points() -> HashSet<PathBuf> {
             let mut out = Vec::with_capacity(b.len());
             let mut i = 0;
             while i < b.len() {
-                if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-                    let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
+                if b[i] == b'\\'
+                    && i + 3 < b.len()
+                    && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+                {
+                    let v = (b[i + 1] - b'0') as u32 * 64
+                        + (b[i + 2] - b'0') as u32 * 8
+                        + (b[i + 3] - b'0') as u32;
                     out.push(v as u8);
                     i += 4;
                 } else {

@@ -20,7 +20,10 @@ pub enum Step {
     /// The argv to run (`/bin/sh -c <text>` for the shell form).
     Run(Vec<String>),
     /// Context paths and the destination in the image.
-    Copy { src: Vec<String>, dst: String },
+    Copy {
+        src: Vec<String>,
+        dst: String,
+    },
     /// Variables to set, in order.
     Env(Vec<(String, String)>),
     Workdir(String),
@@ -58,7 +61,9 @@ fn json_array(rest: &str) -> Option<Vec<String>> {
 
 fn unquote(s: &str) -> String {
     let b = s.as_bytes();
-    if b.len() >= 2 && ((b[0] == b'"' && b[b.len() - 1] == b'"') || (b[0] == b'\'' && b[b.len() - 1] == b'\'')) {
+    if b.len() >= 2
+        && ((b[0] == b'"' && b[b.len() - 1] == b'"') || (b[0] == b'\'' && b[b.len() - 1] == b'\''))
+    {
         s[1..s.len() - 1].to_string()
     } else {
         s.to_string()
@@ -142,7 +147,10 @@ pub fn parse(text: &str) -> Result<Dockerfile, Invalid> {
         };
         let instr = word.to_ascii_uppercase();
         if from.is_none() && instr != "FROM" {
-            return Err(bad(line, format!("the first instruction must be FROM, not {word}")));
+            return Err(bad(
+                line,
+                format!("the first instruction must be FROM, not {word}"),
+            ));
         }
         if rest.is_empty() {
             return Err(bad(line, format!("{instr} needs an argument")));
@@ -154,7 +162,10 @@ pub fn parse(text: &str) -> Result<Dockerfile, Invalid> {
                 }
                 let w = words(rest);
                 if w.len() != 1 || w[0].starts_with("--") {
-                    return Err(bad(line, "FROM takes one template or image (no AS, no flags)"));
+                    return Err(bad(
+                        line,
+                        "FROM takes one template or image (no AS, no flags)",
+                    ));
                 }
                 from = Some(w[0].clone());
                 continue;
@@ -174,7 +185,10 @@ pub fn parse(text: &str) -> Result<Dockerfile, Invalid> {
             }
             "COPY" => {
                 if rest.starts_with("--") {
-                    return Err(bad(line, "COPY flags (--from, --chown, ...) are not supported"));
+                    return Err(bad(
+                        line,
+                        "COPY flags (--from, --chown, ...) are not supported",
+                    ));
                 }
                 let mut parts = match json_array(rest) {
                     Some(a) => a,
@@ -254,10 +268,17 @@ mod tests {
         assert_eq!(d.steps.len(), 7);
         assert_eq!(
             d.steps[0].step,
-            Step::Run(vec!["/bin/sh".into(), "-c".into(), "echo a    && echo b".into()])
+            Step::Run(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo a    && echo b".into()
+            ])
         );
         assert_eq!(d.steps[0].line, 3);
-        assert_eq!(d.steps[1].step, Step::Run(vec!["/bin/echo".into(), "x".into()]));
+        assert_eq!(
+            d.steps[1].step,
+            Step::Run(vec!["/bin/echo".into(), "x".into()])
+        );
         assert_eq!(
             d.steps[2].step,
             Step::Copy {
@@ -267,7 +288,10 @@ mod tests {
         );
         assert_eq!(
             d.steps[3].step,
-            Step::Env(vec![("A".into(), "1".into()), ("B".into(), "two words".into())])
+            Step::Env(vec![
+                ("A".into(), "1".into()),
+                ("B".into(), "two words".into())
+            ])
         );
         assert_eq!(
             d.steps[4].step,

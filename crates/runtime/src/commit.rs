@@ -170,9 +170,7 @@ pub async fn commit(
         Err((http::StatusCode::PAYLOAD_TOO_LARGE, _)) => {
             return Err(CommitError::TooLarge(max_bytes))
         }
-        Err((status, message)) => {
-            return Err(CommitError::Agent(format!("{status}: {message}")))
-        }
+        Err((status, message)) => return Err(CommitError::Agent(format!("{status}: {message}"))),
     };
     let (tx, rx) = mpsc::channel::<Result<Bytes, String>>(16);
     let pump = tokio::spawn(async move {
@@ -218,7 +216,10 @@ pub async fn commit(
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(e) => {
-                    return Err(reader.failed.take().unwrap_or(CommitError::Agent(e.to_string())))
+                    return Err(reader
+                        .failed
+                        .take()
+                        .unwrap_or(CommitError::Agent(e.to_string())))
                 }
             }
         }

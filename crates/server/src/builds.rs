@@ -22,8 +22,7 @@ use std::sync::Arc;
 use sandforge_agent_proto::{ExecRequest, Frame};
 use sandforge_api::dockerfile::{self, Dockerfile, Step};
 use sandforge_api::{
-    CreateSandbox, Isolation, SandboxStatus, SaveTemplate, Template, TemplateSource,
-    TemplateStatus,
+    CreateSandbox, Isolation, SandboxStatus, SaveTemplate, Template, TemplateSource, TemplateStatus,
 };
 use sandforge_runtime::commit::CommitConfig;
 
@@ -187,11 +186,7 @@ impl Context {
             match self.entries.get(&s_norm) {
                 Some((mode, Some(data))) => {
                     let base = s_norm.rsplit('/').next().unwrap_or(&s_norm);
-                    let to = if dst_dir_given {
-                        join(base)
-                    } else {
-                        join("")
-                    };
+                    let to = if dst_dir_given { join(base) } else { join("") };
                     out.push((to, *mode, Some(data.clone())));
                 }
                 _ => {
@@ -318,7 +313,7 @@ impl Controller {
                 log.write(serde_json::json!({"event": "failed", "reason": reason}));
                 tracing::warn!(%tid, "template build failed: {reason}");
                 if let Some(p) = self.templates.path_of(tid) {
-                    let _ = std::fs::remove_dir_all(p);
+                    tokio::task::spawn_blocking(move || std::fs::remove_dir_all(p));
                 }
                 self.db
                     .set_template_status(tid, TemplateStatus::Failed, Some(&reason), 0)
@@ -371,7 +366,12 @@ impl Controller {
                 },
             };
             let cfg = CommitConfig {
-                source: if state.is_some() { "dockerfile" } else { "sandbox" }.into(),
+                source: if state.is_some() {
+                    "dockerfile"
+                } else {
+                    "sandbox"
+                }
+                .into(),
                 parent: row.spec.template.clone(),
                 sandbox_id: sid.to_string(),
                 ..cfg
@@ -492,12 +492,22 @@ impl Controller {
             return Err(e);
         }
         let _ = std::fs::remove_file(self.build_log(&row.id));
-        if let Some(p) = self.templates.path_of(&row.id) {
+        // The old tree leaves at once (a rename into a staging name, which
+        // a start sweeps too) and is removed off the request's path.
+        let old = self.templates.path_of(&row.id).and_then(|p| {
             let _ = std::fs::remove_file(p.join("template.json"));
-            let _ = std::fs::remove_dir_all(p);
-        }
+            let trash = self.own_templates_dir().join(format!(
+                ".{}.tmp-old{:08x}",
+                row.id,
+                rand::random::<u32>()
+            ));
+            std::fs::rename(&p, &trash).ok().map(|_| trash)
+        });
         let (this, org, tid) = (self.clone(), org.to_string(), row.id.clone());
         tokio::spawn(async move {
+            if let Some(old) = old {
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(old)).await;
+            }
             let log = BuildLog::open(&this.build_log(&tid));
             let r = this.run_build(&org, &tid, &d, &ctx, &log).await;
             this.finish(&tid, r, &log);
@@ -555,12 +565,15 @@ impl Controller {
         let result = async {
             for (n, i) in d.steps.iter().enumerate() {
                 let n = n + 1;
-                log.write(serde_json::json!({"event": "step", "step": n, "line": i.line, "text": i.text}));
+                log.write(
+                    serde_json::json!({"event": "step", "step": n, "line": i.line, "text": i.text}),
+                );
                 self.run_step(org, &sb.id, n, i, ctx, &mut state, log)
                     .await
                     .map_err(|e| format!("step {n} ({}) {e}", i.text))?;
             }
-            self.commit_sandbox(org, &sb.id, tid, Some(&state), log).await
+            self.commit_sandbox(org, &sb.id, tid, Some(&state), log)
+                .await
         }
         .await;
         self.destroy_builder(org, &sb.id).await;
@@ -609,7 +622,8 @@ impl Controller {
                         v
                     }
                 };
-                self.exec_step(org, sid, n, argv, &cwd, None, state, log).await
+                self.exec_step(org, sid, n, argv, &cwd, None, state, log)
+                    .await
             }
             Step::Copy { src, dst } => {
                 let entries = ctx.select(src, dst, &cwd)?;
@@ -619,8 +633,17 @@ impl Controller {
                     "-c".into(),
                     "base64 -d | tar -xpf - -C /".into(),
                 ];
-                self.exec_step(org, sid, n, argv, "/", Some(base64_encode(&tar)), state, log)
-                    .await
+                self.exec_step(
+                    org,
+                    sid,
+                    n,
+                    argv,
+                    "/",
+                    Some(base64_encode(&tar)),
+                    state,
+                    log,
+                )
+                .await
             }
             Step::Env(vars) => {
                 for (k, v) in vars {
@@ -639,7 +662,8 @@ impl Controller {
                     normalize(&abs).ok_or_else(|| "no .. in WORKDIR".to_string())?
                 );
                 let argv = vec!["mkdir".into(), "-p".into(), "--".into(), norm.clone()];
-                self.exec_step(org, sid, n, argv, "/", None, state, log).await?;
+                self.exec_step(org, sid, n, argv, "/", None, state, log)
+                    .await?;
                 state.workdir = Some(norm);
                 Ok(())
             }
@@ -729,7 +753,11 @@ mod tests {
 
     fn ctx() -> Context {
         let mut b = tar::Builder::new(Vec::new());
-        for (p, d) in [("app.py", "print(1)"), ("lib/a.txt", "a"), ("lib/sub/b.txt", "b")] {
+        for (p, d) in [
+            ("app.py", "print(1)"),
+            ("lib/a.txt", "a"),
+            ("lib/sub/b.txt", "b"),
+        ] {
             let mut h = tar::Header::new_gnu();
             h.set_size(d.len() as u64);
             h.set_mode(0o644);
@@ -746,11 +774,16 @@ mod tests {
     #[test]
     fn copy_selects_inside_the_context() {
         let c = ctx();
-        let names = |v: Vec<(String, u32, Option<Vec<u8>>)>| {
-            v.into_iter().map(|e| e.0).collect::<Vec<_>>()
-        };
-        assert_eq!(names(c.select(&["app.py".into()], "/app/", "/").unwrap()), ["/app/app.py"]);
-        assert_eq!(names(c.select(&["app.py".into()], "x.py", "/w").unwrap()), ["/w/x.py"]);
+        let names =
+            |v: Vec<(String, u32, Option<Vec<u8>>)>| v.into_iter().map(|e| e.0).collect::<Vec<_>>();
+        assert_eq!(
+            names(c.select(&["app.py".into()], "/app/", "/").unwrap()),
+            ["/app/app.py"]
+        );
+        assert_eq!(
+            names(c.select(&["app.py".into()], "x.py", "/w").unwrap()),
+            ["/w/x.py"]
+        );
         assert_eq!(
             names(c.select(&["lib".into()], "/l", "/").unwrap()),
             ["/l/a.txt", "/l/sub/b.txt"]

@@ -10,6 +10,7 @@
 //! `runc/` (runc's state), `sandboxes/<id>/` (one per live sandbox).
 
 pub mod auth;
+mod builds;
 pub mod config;
 pub mod controller;
 pub mod db;
@@ -26,7 +27,6 @@ mod routes;
 mod sessions;
 mod snapshots;
 mod templates;
-mod builds;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -175,9 +175,12 @@ fn context_archive(dir: &std::path::Path) -> Result<Vec<u8>> {
 
 async fn build(client: &Client, a: BuildArgs) -> Result<ExitCode> {
     use base64::Engine;
-    let file = a.file.clone().unwrap_or_else(|| a.context.join("Dockerfile"));
-    let text = std::fs::read_to_string(&file)
-        .with_context(|| format!("reading {}", file.display()))?;
+    let file = a
+        .file
+        .clone()
+        .unwrap_or_else(|| a.context.join("Dockerfile"));
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     let archive = context_archive(&a.context)?;
     let body = CreateTemplate {
         name: a.name,
@@ -276,7 +279,10 @@ async fn follow(client: &Client, id: &str) -> Result<()> {
                 }
                 "step" => {
                     step = ev["step"].as_u64().unwrap_or(step);
-                    bar.set_message(format!("step {step}/{steps}: {}", ev["text"].as_str().unwrap_or("")));
+                    bar.set_message(format!(
+                        "step {step}/{steps}: {}",
+                        ev["text"].as_str().unwrap_or("")
+                    ));
                 }
                 "output" => {
                     let text = ev["text"].as_str().unwrap_or("").to_string();
