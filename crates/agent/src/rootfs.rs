@@ -26,7 +26,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -191,7 +191,7 @@ fn write_tar<W: Write>(root: &OwnedFd, out: W, max_bytes: u64, measure: bool) ->
         budget: max_bytes,
         measure,
     };
-    w.dir_contents(&dir, &PathBuf::new(), 0)?;
+    w.dir_contents(&dir, Path::new(""), 0)?;
     let mut out = w.tar.into_inner()?;
     out.flush()
 }
@@ -209,7 +209,7 @@ fn header_for(st: &Stat, kind: tar::EntryType) -> tar::Header {
 }
 
 impl<W: Write> Walk<W> {
-    fn dir_contents(&mut self, dir: &OwnedFd, path: &PathBuf, depth: usize) -> io::Result<()> {
+    fn dir_contents(&mut self, dir: &OwnedFd, path: &Path, depth: usize) -> io::Result<()> {
         if depth > MAX_DEPTH {
             return Err(io::Error::other(format!(
                 "{} is nested deeper than {MAX_DEPTH} directories",
@@ -252,7 +252,7 @@ impl<W: Write> Walk<W> {
         &mut self,
         dir: &OwnedFd,
         name: &OsStr,
-        path: &PathBuf,
+        path: &Path,
         st: &Stat,
         depth: usize,
     ) -> io::Result<()> {
@@ -318,7 +318,7 @@ impl<W: Write> Walk<W> {
                 self.budget -= size;
                 if self.measure {
                     if st.st_nlink > 1 {
-                        self.links.insert(key, path.clone());
+                        self.links.insert(key, path.to_path_buf());
                     }
                     return Ok(());
                 }
@@ -342,7 +342,7 @@ impl<W: Write> Walk<W> {
                 let data = File::from(fd).take(size).chain(io::repeat(0)).take(size);
                 self.tar.append_data(&mut h, path, data)?;
                 if st.st_nlink > 1 {
-                    self.links.insert(key, path.clone());
+                    self.links.insert(key, path.to_path_buf());
                 }
                 Ok(())
             }

@@ -271,7 +271,7 @@ mod tests {
             Step::Run(vec![
                 "/bin/sh".into(),
                 "-c".into(),
-                "echo a    && echo b".into()
+                "echo a  && echo b".into()
             ])
         );
         assert_eq!(d.steps[0].line, 3);

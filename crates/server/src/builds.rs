@@ -135,10 +135,8 @@ impl Context {
             };
             let mode = entry.header().mode().unwrap_or(0o644) & 0o7777;
             match entry.header().entry_type() {
-                tar::EntryType::Directory => {
-                    if !norm.is_empty() {
-                        ctx.entries.insert(norm, (mode, None));
-                    }
+                tar::EntryType::Directory if !norm.is_empty() => {
+                    ctx.entries.insert(norm, (mode, None));
                 }
                 tar::EntryType::Regular | tar::EntryType::Continuous => {
                     let mut buf = Vec::new();
