@@ -7,7 +7,9 @@
 //! Dockerfile build (FROM, RUN, COPY, ENV, WORKDIR, USER) makes a template
 //! a sandbox sees all of, a failing step fails it with the step's reason,
 //! bad Dockerfiles are 400 naming the line, and no builder sandbox is ever
-//! left behind (a daemon killed mid-build included).
+//! left behind (a daemon killed mid-build included); seed 003's `/build`
+//! runs a Dockerfile template again; the CLI's `template save` and
+//! `template build` follow the log and exit 1 on a failure.
 //!
 //! A sandbox made FROM a saved template is a container (until microVM
 //! images of API templates land, a microVM create from one answers 409
@@ -554,5 +556,39 @@ async fn a_daemon_killed_mid_build_fails_the_template_and_destroys_its_builder()
         d.leftovers(&builder).is_empty(),
         "{:?}",
         d.leftovers(&builder)
+    );
+}
+
+#[tokio::test]
+async fn the_cli_saves_and_builds_following_the_log() {
+    let d = Daemon::start().await;
+    let sb = d.create_id(json!({})).await;
+    d.sh_ok(&sb, "echo from-cli > /root/cli.txt").await;
+    let out = d.cli(&["template", "save", &sb, "--name", "clisave", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let t: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(t["status"], "ready", "{t}");
+    d.destroy(&sb).await;
+
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM clisave\nCOPY note.txt /root/\nRUN cat /root/cli.txt /root/note.txt > /root/both\n",
+    )
+    .unwrap();
+    std::fs::write(ctx.path().join("note.txt"), "note\n").unwrap();
+    let dir = ctx.path().to_str().unwrap();
+    let out = d.cli(&["template", "build", "--name", "clibuild", dir]);
+    assert!(out.status.success(), "{out:?}");
+    let c = container_from(&d, "clibuild").await;
+    assert_eq!(d.sh_ok(&c, "cat /root/both").await, "from-cli\nnote\n");
+    d.destroy(&c).await;
+    // A failing build: exit 1, the reason on stderr.
+    std::fs::write(ctx.path().join("Dockerfile"), "FROM clisave\nRUN exit 7\n").unwrap();
+    let out = d.cli(&["template", "build", "--name", "clifail", dir]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("step 1 (RUN exit 7) exited 7"),
+        "{out:?}"
     );
 }
