@@ -58,6 +58,10 @@ pub mod routes {
     /// `POST ?port=N`: a tunnel; request body = bytes to `localhost:N`,
     /// response body = bytes from it (502 when nothing listens).
     pub const TCP: &str = "/v1/tcp";
+    /// `GET ?max_bytes=N`: the sandbox's root filesystem as a tar stream
+    /// (one filesystem; mount points empty; no devices, FIFOs or sockets),
+    /// aborted when its files' sizes sum past `max_bytes`.
+    pub const ROOTFS: &str = "/v1/rootfs";
 }
 
 /// A TCP port listening inside the sandbox.

@@ -24,6 +24,7 @@ mod pty;
 mod query;
 mod reaper;
 mod reply;
+mod rootfs;
 mod server;
 mod sessions;
 mod transport;

@@ -16,7 +16,7 @@ use sandforge_agent_proto::{routes, AgentInfo, FileQuery, FEATURE_USER, PROTOCOL
 
 use crate::reaper::Reaper;
 use crate::reply::{self, ApiError, Body};
-use crate::{exec, files, ports, query, sessions, upload};
+use crate::{exec, files, ports, query, rootfs, sessions, upload};
 
 /// State shared by every connection and request.
 pub struct Agent {
@@ -71,6 +71,10 @@ async fn route(req: Request<Incoming>, agent: Arc<Agent>) -> Result<Response<Bod
         routes::PORTS => {
             allow(&method, &[Method::GET])?;
             Ok(ports::list())
+        }
+        routes::ROOTFS => {
+            allow(&method, &[Method::GET])?;
+            rootfs::get(agent, req.uri().query()).await
         }
         routes::TCP => {
             allow(&method, &[Method::POST])?;

@@ -6,6 +6,7 @@
 //! needs no state (sizes, names, timeouts). It must not know about storage,
 //! runtimes or HTTP frameworks.
 
+pub mod dockerfile;
 pub mod error;
 pub mod exec;
 pub mod lifecycle;
@@ -21,7 +22,7 @@ pub use sandbox::{
     CreateSandbox, DeleteResponse, Health, Isolation, Mount, Sandbox, SandboxStatus,
 };
 pub use template::{
-    CreateTemplate, RebuildTemplate, RegistryCredentials, Template, TemplateDefaults,
+    CreateTemplate, RebuildTemplate, RegistryCredentials, SaveTemplate, Template, TemplateDefaults,
     TemplateSource, TemplateStatus, ValidTemplate,
 };
 

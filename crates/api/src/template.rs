@@ -19,6 +19,14 @@ pub enum TemplateSource {
     Builtin,
     /// An OCI image pulled from a registry.
     Image { reference: String },
+    /// A sandbox saved as a template (`POST /sandboxes/{id}/template`).
+    Sandbox {
+        sandbox_id: String,
+        /// The template the sandbox was made from.
+        template: String,
+    },
+    /// Built from a Dockerfile (`FROM` names `from`).
+    Dockerfile { from: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,8 +155,10 @@ pub struct ValidTemplate {
 }
 
 /// `POST /v1/templates`: `{"name", "image"}` (or `{"name", "source":
-/// {"type": "image", "reference"}}`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// {"type": "image", "reference"}}`), or a build: `{"name", "dockerfile",
+/// "context"}` (`context`: a base64 tar or tar.gz, at most
+/// [`MAX_CONTEXT_BYTES`] decoded).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTemplate {
     pub name: String,
@@ -170,6 +180,36 @@ pub struct CreateTemplate {
     pub disk_mb: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<Egress>,
+    /// The Dockerfile's text (see [`crate::dockerfile`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dockerfile: Option<String>,
+    /// The build context `COPY` takes files from: base64 of a tar (gzip
+    /// or not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+}
+
+/// Largest build context (decoded; the JSON body's limit comes first).
+pub const MAX_CONTEXT_BYTES: usize = 1536 * 1024;
+
+/// `POST /v1/sandboxes/{id}/template`: `{"name"}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaveTemplate {
+    #[serde(default)]
+    pub name: String,
+}
+
+/// The checks every new template's name passes.
+pub fn validate_template_name(name: &str) -> Result<(), Invalid> {
+    validate_name("name", name)?;
+    if name.starts_with("tmpl_") || name == "base" {
+        return Err(Invalid::new(
+            "name",
+            "'base' and names starting with 'tmpl_' are reserved",
+        ));
+    }
+    Ok(())
 }
 
 /// Longest image reference accepted.
@@ -178,12 +218,51 @@ pub const MAX_REFERENCE_LEN: usize = 512;
 impl CreateTemplate {
     /// The name, what to build it from, its defaults and credentials.
     pub fn validate(self) -> Result<ValidTemplate, Invalid> {
-        validate_name("name", &self.name)?;
-        if self.name.starts_with("tmpl_") || self.name == "base" {
-            return Err(Invalid::new(
-                "name",
-                "'base' and names starting with 'tmpl_' are reserved",
-            ));
+        validate_template_name(&self.name)?;
+        if let Some(c) = &self.credentials {
+            c.validate()?;
+        }
+        if let Some(e) = &self.egress {
+            e.validate("egress")?;
+        }
+        let defaults = TemplateDefaults {
+            cpus: validate_cpus(self.cpu, self.cpus)?,
+            memory_mb: validate_memory_mb(self.memory_mb)?,
+            disk_mb: validate_disk_mb(self.disk_mb)?,
+            egress: self.egress.clone(),
+        };
+        if let Some(text) = &self.dockerfile {
+            if self.image.is_some() || self.source.is_some() {
+                return Err(Invalid::new(
+                    "dockerfile",
+                    "give either image/source or dockerfile",
+                ));
+            }
+            if self.credentials.is_some() {
+                return Err(Invalid::new(
+                    "credentials",
+                    "only with an image to pull (a build starts FROM a template)",
+                ));
+            }
+            let d = crate::dockerfile::parse(text)?;
+            if let Some(c) = &self.context {
+                // base64 is 4 characters per 3 bytes.
+                if c.len() / 4 * 3 > MAX_CONTEXT_BYTES + 3 {
+                    return Err(Invalid::new(
+                        "context",
+                        format!("at most {MAX_CONTEXT_BYTES} bytes"),
+                    ));
+                }
+            }
+            return Ok(ValidTemplate {
+                name: self.name,
+                source: TemplateSource::Dockerfile { from: d.from },
+                defaults,
+                credentials: None,
+            });
+        }
+        if self.context.is_some() {
+            return Err(Invalid::new("context", "only with a dockerfile"));
         }
         let source =
             match (self.image, self.source) {
@@ -195,12 +274,21 @@ impl CreateTemplate {
                         "built-in templates are made on the host (scripts/build-template.sh)",
                     ))
                 }
+                (None, Some(TemplateSource::Sandbox { .. })) => {
+                    return Err(Invalid::new(
+                        "source",
+                        "a sandbox is saved with POST /v1/sandboxes/{id}/template",
+                    ))
+                }
+                (None, Some(TemplateSource::Dockerfile { .. })) => {
+                    return Err(Invalid::new("source", "give the build's dockerfile"))
+                }
                 (Some(_), Some(_)) => {
                     return Err(Invalid::new("source", "give either image or source"))
                 }
                 (None, None) => return Err(Invalid::new(
                     "image",
-                    "required: the image reference to pull (e.g. localhost:5000/team/python:3.12)",
+                    "required: the image reference to pull (e.g. localhost:5000/team/python:3.12), or a dockerfile",
                 )),
             };
         let TemplateSource::Image { reference } = &source else {
@@ -223,18 +311,6 @@ impl CreateTemplate {
                 format!("'{reference}' is not an image reference ([registry/]repository[:tag][@sha256:digest])"),
             ));
         }
-        if let Some(c) = &self.credentials {
-            c.validate()?;
-        }
-        if let Some(e) = &self.egress {
-            e.validate("egress")?;
-        }
-        let defaults = TemplateDefaults {
-            cpus: validate_cpus(self.cpu, self.cpus)?,
-            memory_mb: validate_memory_mb(self.memory_mb)?,
-            disk_mb: validate_disk_mb(self.disk_mb)?,
-            egress: self.egress,
-        };
         Ok(ValidTemplate {
             name: self.name,
             source,

@@ -309,6 +309,36 @@ impl AgentClient {
         })
     }
 
+    /// `GET /v1/rootfs`: the sandbox's root filesystem as a tar stream (the
+    /// agent stops past `max_bytes` of file contents; the caller counts
+    /// too). Waits at most [`HEAD_TIMEOUT`] for the head; the body is the
+    /// caller's to bound. A refusal is `Ok(Err((status, message)))`.
+    pub async fn rootfs(
+        &self,
+        max_bytes: u64,
+    ) -> Result<std::result::Result<Incoming, (StatusCode, String)>> {
+        let uri = format!("{}?max_bytes={max_bytes}", routes::ROOTFS);
+        // The agent measures the tree before it answers: no head timeout
+        // beyond the call's own.
+        let resp = tokio::time::timeout(
+            Duration::from_secs(600),
+            self.request_unbounded(build(Method::GET, &uri, empty_body())?),
+        )
+        .await
+        .map_err(|_| RuntimeError::AgentTimeout(Duration::from_secs(600)))??;
+        if resp.status() != StatusCode::OK {
+            let status = resp.status();
+            let body = read_answer(resp, MAX_ERROR_ANSWER)
+                .await
+                .unwrap_or_default();
+            let message = serde_json::from_slice::<sandforge_agent_proto::AgentError>(&body)
+                .map(|e| e.message)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            return Ok(Err((status, message)));
+        }
+        Ok(Ok(resp.into_body()))
+    }
+
     /// A files request (`GET`, `HEAD`, `PUT`), returned as the agent answered
     /// it: the caller maps statuses and streams bodies (an error body with
     /// [`read_answer`]). A `PUT` streams its upload first, as slowly as the

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod backend;
+pub mod commit;
 pub mod console;
 pub mod container;
 pub mod error;

@@ -63,6 +63,9 @@ pub struct Config {
     pub max_snapshot_bytes_per_org: u64,
     /// Named snapshots one sandbox may have.
     pub max_snapshots_per_sandbox: u64,
+    /// Largest root filesystem a sandbox save or a Dockerfile build may
+    /// commit as a template, in MiB (the tar stream: contents + headers).
+    pub template_max_mb: u64,
     /// Each QEMU runs as its own uid from `vm_uid_base` up (no passwd entry
     /// needed); 0 runs QEMU as the daemon's user.
     pub vm_uid_base: u32,
@@ -146,6 +149,7 @@ impl Default for Config {
             console_log_max_kb: 1024,
             max_snapshot_bytes_per_org: 20 << 30,
             max_snapshots_per_sandbox: 32,
+            template_max_mb: 8192,
             vm_uid_base: 2_000_000,
             virtiofsd: PathBuf::from("/var/cache/sandforge/virtiofsd/bin/virtiofsd"),
             default_network: "nat".into(),
@@ -322,6 +326,7 @@ impl Config {
             1,
             1 << 20,
         )?;
+        range("template_max_mb", self.template_max_mb, 16, MAX_DISK_MB)?;
         range(
             "max_snapshots_per_sandbox",
             self.max_snapshots_per_sandbox,

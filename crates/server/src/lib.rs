@@ -10,6 +10,7 @@
 //! `runc/` (runc's state), `sandboxes/<id>/` (one per live sandbox).
 
 pub mod auth;
+mod builds;
 pub mod config;
 pub mod controller;
 pub mod db;
@@ -403,13 +404,14 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServerError> {
     controller
         .register_builtin_templates()
         .map_err(|e| ServerError::Startup(format!("registering templates: {}", e.message)))?;
-    controller
+    let interrupted = controller
         .recover_templates()
         .map_err(|e| ServerError::Startup(format!("recovering templates: {}", e.message)))?;
     controller
         .reconcile()
         .await
         .map_err(|e| ServerError::Startup(e.message))?;
+    controller.destroy_builders(&interrupted).await;
     tokio::spawn(controller.clone().monitor());
     tokio::spawn(controller.clone().lifecycle());
 

@@ -27,7 +27,7 @@ use crate::error::ApiError;
 
 /// Host uid that is root inside a container (the templates' ownership
 /// shift, as `scripts/build-template.sh` does it).
-const UID_SHIFT: u32 = 100_000;
+pub(crate) const UID_SHIFT: u32 = 100_000;
 
 /// Serializes pulls against the blob garbage collection (a pull may have
 /// just found a blob that a collection would remove).
@@ -71,13 +71,14 @@ impl Controller {
         self.cfg.state_dir.join("images").join("blobs")
     }
 
-    fn build_log(&self, id: &str) -> PathBuf {
+    pub(crate) fn build_log(&self, id: &str) -> PathBuf {
         self.own_templates_dir().join(format!("{id}.log"))
     }
 
     /// At start: a template a stopped daemon left `building` failed (its
     /// staging trees are removed), and staging left by a crash goes.
-    pub(crate) fn recover_templates(&self) -> Result<(), ApiError> {
+    pub(crate) fn recover_templates(&self) -> Result<Vec<String>, ApiError> {
+        let mut interrupted = Vec::new();
         let dir = self.own_templates_dir();
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for e in rd.flatten() {
@@ -96,6 +97,7 @@ impl Controller {
             }
         }
         for t in self.db.building_templates()? {
+            interrupted.push(t.id.clone());
             if let Some(p) = self.templates.path_of(&t.id) {
                 let _ = std::fs::remove_dir_all(p);
             }
@@ -106,7 +108,7 @@ impl Controller {
                 0,
             )?;
         }
-        Ok(())
+        Ok(interrupted)
     }
 
     /// `POST /templates`: register the template (`building`) and build it
@@ -117,8 +119,12 @@ impl Controller {
         org: &str,
         req: CreateTemplate,
     ) -> Result<Template, ApiError> {
+        let (dockerfile, context) = (req.dockerfile.clone(), req.context.clone());
         let v = req.validate()?;
-        let (name, source) = (v.name, v.source);
+        let (name, source, defaults) = (v.name, v.source, v.defaults);
+        if let (TemplateSource::Dockerfile { .. }, Some(text)) = (&source, dockerfile) {
+            return self.start_build(org, name, defaults, &text, context.as_deref());
+        }
         let TemplateSource::Image { reference } = source.clone() else {
             return Err(ApiError::bad_request(
                 "source",
@@ -127,6 +133,23 @@ impl Controller {
         };
         sandforge_runtime::image::parse_reference(&reference)
             .map_err(|e| ApiError::bad_request("image", e))?;
+        let row = self.insert_building(org, name, source, defaults)?;
+        let this = self.clone();
+        let id = row.id.clone();
+        let creds = v.credentials;
+        tokio::spawn(async move { this.build_template(&id, &reference, creds).await });
+        Ok(self.template_to_api(&row))
+    }
+
+    /// Register a new template of `org` as `building` (409 for a name in
+    /// use).
+    pub(crate) fn insert_building(
+        &self,
+        org: &str,
+        name: String,
+        source: TemplateSource,
+        defaults: TemplateDefaults,
+    ) -> Result<TemplateRow, ApiError> {
         let row = TemplateRow {
             id: random_id("tmpl"),
             org: Some(org.to_string()),
@@ -136,7 +159,7 @@ impl Controller {
             status_reason: None,
             size_bytes: 0,
             created_at: now(),
-            defaults: v.defaults,
+            defaults,
         };
         std::fs::create_dir_all(self.own_templates_dir())
             .map_err(|e| ApiError::internal(format!("templates dir: {e}")))?;
@@ -146,15 +169,11 @@ impl Controller {
             }
             TemplateRefused::Db(e) => e.into(),
         })?;
-        let this = self.clone();
-        let id = row.id.clone();
-        let creds = v.credentials;
-        tokio::spawn(async move { this.build_template(&id, &reference, creds).await });
-        Ok(self.template_to_api(&row))
+        Ok(row)
     }
 
     /// 409 while a live sandbox or a snapshot uses the template.
-    fn refuse_in_use(&self, row: &TemplateRow) -> Result<(), ApiError> {
+    pub(crate) fn refuse_in_use(&self, row: &TemplateRow) -> Result<(), ApiError> {
         let (sandboxes, snapshots) = self.db.template_users(&stored_name(row))?;
         if sandboxes + snapshots > 0 {
             return Err(ApiError::conflict(
@@ -193,6 +212,7 @@ impl Controller {
     /// directory is fine.
     fn remove_template_files(&self, id: &str) -> Result<(), String> {
         let _ = std::fs::remove_file(self.build_log(id));
+        let _ = std::fs::remove_dir_all(self.build_source_dir(id));
         let Some(dir) = self.templates.path_of(id) else {
             return Ok(());
         };
@@ -218,11 +238,26 @@ impl Controller {
             c.validate()?;
         }
         let row = self.template_row(org, given)?;
-        let TemplateSource::Image { reference } = row.source.clone() else {
-            return Err(ApiError::forbidden(format!(
-                "template '{}' is built into this host; rebuild it with scripts/build-template.sh",
-                row.name
-            )));
+        let reference = match row.source.clone() {
+            TemplateSource::Image { reference } => reference,
+            TemplateSource::Builtin => {
+                return Err(ApiError::forbidden(format!(
+                    "template '{}' is built into this host; rebuild it with scripts/build-template.sh",
+                    row.name
+                )))
+            }
+            TemplateSource::Dockerfile { .. } => {
+                return self.rebuild_dockerfile(org, row);
+            }
+            TemplateSource::Sandbox { sandbox_id, .. } => {
+                return Err(ApiError::conflict(
+                    "cannot_rebuild",
+                    format!(
+                        "template '{}' was saved from sandbox {sandbox_id}: save it again with POST /v1/sandboxes/{{id}}/template",
+                        row.name
+                    ),
+                ))
+            }
         };
         // `building` first (atomically: one build at a time), so no new
         // create resolves it; then the users.

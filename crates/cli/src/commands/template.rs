@@ -1,7 +1,8 @@
-//! `template ls|get|pull|logs|rm`: the template registry. A pull follows
-//! the build's ndjson log with a progress bar (`indicatif`, on stderr,
-//! hidden when stderr is not a terminal) and exits 0 once the template is
-//! `ready`, 1 when it `failed` (the reason on stderr).
+//! `template ls|get|pull|build|save|logs|rm`: the template registry. A
+//! pull, a Dockerfile build or a sandbox save follows the build's ndjson
+//! log with a progress bar (`indicatif`, on stderr, hidden when stderr is
+//! not a terminal; a build's step output goes to stderr) and exits 0 once
+//! the template is `ready`, 1 when it `failed` (the reason on stderr).
 
 use std::process::ExitCode;
 
@@ -28,6 +29,11 @@ pub enum TemplateCommand {
     Get { id: String },
     /// Make a template of an OCI image pulled from a registry
     Pull(PullArgs),
+    /// Build a template from a Dockerfile (FROM, RUN, COPY, ENV, WORKDIR,
+    /// USER) in a builder sandbox
+    Build(BuildArgs),
+    /// Save a sandbox's filesystem (running or stopped) as a template
+    Save(SaveArgs),
     /// Print a template's build log (ndjson), following a running build
     Logs { id: String },
     /// Delete templates (id or name)
@@ -91,6 +97,41 @@ fn credentials(a: &PullArgs) -> Result<Option<sandforge_api::RegistryCredentials
     }))
 }
 
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The build context: a directory COPY takes files from (sent as a
+    /// tar.gz; symlinks are not followed)
+    #[arg(default_value = ".")]
+    pub context: std::path::PathBuf,
+    /// Template name (unique in the organization)
+    #[arg(long)]
+    pub name: String,
+    /// The Dockerfile (default: CONTEXT/Dockerfile)
+    #[arg(long, short = 'f')]
+    pub file: Option<std::path::PathBuf>,
+    /// Return once the build has started, without waiting for it
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Print the template as JSON at the end instead of its id
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SaveArgs {
+    /// The sandbox to save
+    pub sandbox: String,
+    /// Template name (unique in the organization)
+    #[arg(long)]
+    pub name: String,
+    /// Return once the save has started, without waiting for it
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Print the template as JSON at the end instead of its id
+    #[arg(long)]
+    pub json: bool,
+}
+
 fn path(id: &str, suffix: &str) -> String {
     format!("/v1/templates/{}{suffix}", query_value(id))
 }
@@ -118,6 +159,20 @@ pub async fn run(client: &Client, cmd: TemplateCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         TemplateCommand::Pull(a) => pull(client, a).await,
+        TemplateCommand::Build(a) => build(client, a).await,
+        TemplateCommand::Save(a) => {
+            let t: Template = client
+                .json(
+                    client
+                        .request(
+                            Method::POST,
+                            &format!("/v1/sandboxes/{}/template", query_value(&a.sandbox)),
+                        )
+                        .json(&serde_json::json!({ "name": a.name })),
+                )
+                .await?;
+            conclude(client, t, a.no_wait, a.json).await
+        }
         TemplateCommand::Logs { id } => {
             let resp = client
                 .send(client.request(Method::GET, &path(&id, "/logs")))
@@ -143,17 +198,58 @@ async fn pull(client: &Client, a: PullArgs) -> Result<ExitCode> {
         memory_mb: a.memory_mb,
         disk_mb: a.disk_mb,
         egress: None,
+        dockerfile: None,
+        context: None,
     };
     let t: Template = client
         .json(client.request(Method::POST, "/v1/templates").json(&body))
         .await?;
-    if !a.no_wait {
+    conclude(client, t, a.no_wait, a.json).await
+}
+
+/// A tar.gz of `dir` (symlinks kept as links, which the build ignores).
+fn context_archive(dir: &std::path::Path) -> Result<Vec<u8>> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut b = tar::Builder::new(gz);
+    b.follow_symlinks(false);
+    b.append_dir_all(".", dir)
+        .with_context(|| format!("archiving {}", dir.display()))?;
+    Ok(b.into_inner()?.finish()?)
+}
+
+async fn build(client: &Client, a: BuildArgs) -> Result<ExitCode> {
+    use base64::Engine;
+    let file = a
+        .file
+        .clone()
+        .unwrap_or_else(|| a.context.join("Dockerfile"));
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let archive = context_archive(&a.context)?;
+    let body = CreateTemplate {
+        name: a.name,
+        image: None,
+        source: None,
+        dockerfile: Some(text),
+        context: Some(base64::engine::general_purpose::STANDARD.encode(archive)),
+        ..Default::default()
+    };
+    let t: Template = client
+        .json(client.request(Method::POST, "/v1/templates").json(&body))
+        .await?;
+    conclude(client, t, a.no_wait, a.json).await
+}
+
+/// Follow a new template's build (unless `no_wait`), print it, exit 1 if
+/// it failed.
+async fn conclude(client: &Client, t: Template, no_wait: bool, json: bool) -> Result<ExitCode> {
+    if !no_wait {
         follow(client, &t.id).await?;
     }
     let t: Template = client
         .json(client.request(Method::GET, &path(&t.id, "")))
         .await?;
-    if a.json {
+    if json {
         out(&format!("{}\n", serde_json::to_string_pretty(&t)?))?;
     } else {
         out(&format!("{}\n", t.id))?;
@@ -183,6 +279,7 @@ async fn follow(client: &Client, id: &str) -> Result<()> {
             .progress_chars("=> "),
     );
     let mut sizes = std::collections::HashMap::<String, (u64, u64)>::new();
+    let (mut steps, mut step) = (0u64, 0u64);
     let mut pending = Vec::new();
     let mut body = resp.bytes_stream();
     while let Some(chunk) = body.next().await {
@@ -221,12 +318,33 @@ async fn follow(client: &Client, id: &str) -> Result<()> {
                     }
                 }
                 "layer_unpacking" => bar.set_message(format!("unpacking {short}")),
+                "build" => {
+                    steps = ev["steps"].as_u64().unwrap_or(0);
+                    bar.set_message(format!("FROM {}", ev["from"].as_str().unwrap_or("")));
+                }
+                "step" => {
+                    step = ev["step"].as_u64().unwrap_or(step);
+                    bar.set_message(format!(
+                        "step {step}/{steps}: {}",
+                        ev["text"].as_str().unwrap_or("")
+                    ));
+                }
+                "output" => {
+                    let text = ev["text"].as_str().unwrap_or("").to_string();
+                    bar.suspend(|| eprint!("{text}"));
+                }
+                "save" | "commit" => bar.set_message("saving the filesystem"),
                 "ready" => bar.set_message("ready"),
                 "failed" => bar.set_message("failed"),
                 _ => {}
             }
-            bar.set_length(sizes.values().map(|s| s.1).sum());
-            bar.set_position(sizes.values().map(|s| s.0).sum());
+            if steps > 0 {
+                bar.set_length(steps);
+                bar.set_position(step.saturating_sub(1));
+            } else {
+                bar.set_length(sizes.values().map(|s| s.1).sum());
+                bar.set_position(sizes.values().map(|s| s.0).sum());
+            }
         }
     }
     bar.finish_and_clear();
@@ -242,6 +360,10 @@ fn table(list: &[Template]) -> String {
         let source = match &t.source {
             sandforge_api::TemplateSource::Builtin => "builtin".to_string(),
             sandforge_api::TemplateSource::Image { reference } => reference.clone(),
+            sandforge_api::TemplateSource::Sandbox { sandbox_id, .. } => {
+                format!("sandbox {sandbox_id}")
+            }
+            sandforge_api::TemplateSource::Dockerfile { from } => format!("dockerfile FROM {from}"),
         };
         s.push_str(&format!(
             "{:<20} {:<20} {:<9} {:>9}M  {}\n",

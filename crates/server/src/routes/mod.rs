@@ -34,6 +34,7 @@ fn api() -> Router<AppState> {
             get(templates::get_one).delete(templates::delete),
         )
         .route("/templates/{id}/logs", get(templates::logs))
+        .route("/sandboxes/{id}/template", post(templates::save))
         .route("/sandboxes/{id}/console", get(sandboxes::console))
         .route("/sandboxes/{id}/wake", post(sandboxes::wake))
         .route("/sandboxes/{id}/keepalive", post(sandboxes::keepalive))

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
 use http::{header, StatusCode};
-use sandforge_api::{CreateTemplate, RebuildTemplate, Template};
+use sandforge_api::{CreateTemplate, RebuildTemplate, SaveTemplate, Template};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -31,6 +31,18 @@ pub async fn create(
     ApiJson(req): ApiJson<CreateTemplate>,
 ) -> Result<(StatusCode, Json<Template>), ApiError> {
     let t = st.controller.create_template(&caller.org, req)?;
+    Ok((StatusCode::ACCEPTED, Json(t)))
+}
+
+/// `POST /sandboxes/{id}/template` `{"name"}`: 202 with the new template
+/// `building`; the sandbox's filesystem is saved in the background.
+pub async fn save(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<SaveTemplate>,
+) -> Result<(StatusCode, Json<Template>), ApiError> {
+    let t = st.controller.save_sandbox(&caller.org, &id, req).await?;
     Ok((StatusCode::ACCEPTED, Json(t)))
 }
 
