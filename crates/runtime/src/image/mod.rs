@@ -785,6 +785,88 @@ async fn pull_once(
     }
 }
 
+/// Decompressed bytes handed from the inflating thread to the unpacker at
+/// a time, and how many such pieces may wait.
+const INFLATE_PIECE: usize = 1 << 20;
+const INFLATE_QUEUE: usize = 8;
+
+/// Apply one layer: one thread inflates the blob as it arrives while this
+/// one writes the files (two cores: gunzip and file creation overlap).
+/// Returns what applying it gave and the verdict on the blob's digest.
+fn apply_layer(
+    u: &mut unpack::Unpacker,
+    mut reader: feed::LayerReader,
+) -> (Result<(), ImageError>, Result<(), ImageError>) {
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(INFLATE_QUEUE);
+        let inflater = s.spawn(move || {
+            let inflated = (|| -> std::io::Result<()> {
+                let mut dec = layer_decoder(&mut reader).map_err(std::io::Error::other)?;
+                loop {
+                    let mut piece = vec![0u8; INFLATE_PIECE];
+                    let mut n = 0;
+                    while n < piece.len() {
+                        match dec.read(&mut piece[n..]) {
+                            Ok(0) => break,
+                            Ok(k) => n += k,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    piece.truncate(n);
+                    if tx.send(Ok(piece)).is_err() {
+                        return Ok(()); // the unpacker is done with this layer
+                    }
+                }
+            })();
+            if let Err(e) = inflated {
+                let _ = tx.send(Err(e));
+            }
+            drop(tx);
+            reader.finish()
+        });
+        let applied = u.apply(PieceReader {
+            rx,
+            piece: Vec::new(),
+            at: 0,
+        });
+        let verdict = inflater
+            .join()
+            .unwrap_or_else(|_| Err(ImageError::Io("the inflating thread panicked".into())));
+        (applied, verdict)
+    })
+}
+
+/// The unpacker's end of the inflating thread's queue (dropped: the
+/// inflater stops).
+struct PieceReader {
+    rx: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    piece: Vec<u8>,
+    at: usize,
+}
+
+impl Read for PieceReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.piece.len() {
+            match self.rx.recv() {
+                Ok(Ok(p)) => {
+                    self.piece = p;
+                    self.at = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.piece.len() - self.at);
+        buf[..n].copy_from_slice(&self.piece[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
 /// The blocking half of a pull: applies the layers in order to a staging
 /// tree as their bytes arrive, then (every digest verified) makes it the
 /// template. Owns the staging tree: removed on any failure, also when the
@@ -821,14 +903,14 @@ impl UnpackJob {
         let rootfs = staging.join("rootfs");
         std::fs::create_dir(&rootfs).map_err(|e| io("create", &rootfs, e))?;
         let mut u = unpack::Unpacker::new(&rootfs, Some(uid_shift))?;
-        for (digest, mut reader) in layers {
+        for (digest, reader) in layers {
             let _ = events.send(PullEvent::LayerUnpacking {
                 digest: digest.clone(),
             });
-            let applied = layer_decoder(&mut reader).and_then(|l| u.apply(l));
+            let (applied, verdict) = apply_layer(&mut u, reader);
             // The verdict on the blob comes first: a layer that fails to
             // unpack because its bytes are not the image's is a digest error.
-            reader.finish()?;
+            verdict?;
             applied.map_err(|e| ImageError::Layer(format!("{digest}: {e}")))?;
         }
         drop(u);
