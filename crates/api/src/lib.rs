@@ -20,7 +20,9 @@ pub use network::{Cidr, Egress, EgressMode, Network, NetworkPolicy, PatchSandbox
 pub use sandbox::{
     CreateSandbox, DeleteResponse, Health, Isolation, Mount, Sandbox, SandboxStatus,
 };
-pub use template::{CreateTemplate, Template, TemplateSource, TemplateStatus};
+pub use template::{
+    validate_template_name, CreateTemplate, Template, TemplateSource, TemplateStatus,
+};
 
 /// A validation failure: the offending field and why.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -19,6 +19,9 @@ pub enum TemplateSource {
     Builtin,
     /// An OCI image pulled from a registry.
     Image { reference: String },
+    /// An image archive (`docker save` tar or OCI archive) uploaded to
+    /// `POST /v1/templates/import`.
+    Archive,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,20 +87,30 @@ pub struct CreateTemplate {
 /// Longest image reference accepted.
 pub const MAX_REFERENCE_LEN: usize = 512;
 
+/// The name of a new template (also an import's `name` parameter).
+pub fn validate_template_name(name: &str) -> Result<(), Invalid> {
+    validate_name("name", name)?;
+    if name.starts_with("tmpl_") || name == "base" {
+        return Err(Invalid::new(
+            "name",
+            "'base' and names starting with 'tmpl_' are reserved",
+        ));
+    }
+    Ok(())
+}
+
 impl CreateTemplate {
     /// The name and what to build it from.
     pub fn validate(self) -> Result<(String, TemplateSource), Invalid> {
-        validate_name("name", &self.name)?;
-        if self.name.starts_with("tmpl_") || self.name == "base" {
-            return Err(Invalid::new(
-                "name",
-                "'base' and names starting with 'tmpl_' are reserved",
-            ));
-        }
+        validate_template_name(&self.name)?;
         let source =
             match (self.image, self.source) {
                 (Some(r), None) => TemplateSource::Image { reference: r },
                 (None, Some(s @ TemplateSource::Image { .. })) => s,
+                (None, Some(TemplateSource::Archive)) => return Err(Invalid::new(
+                    "source",
+                    "an archive is uploaded as the body of POST /v1/templates/import?name=<name>",
+                )),
                 (None, Some(TemplateSource::Builtin)) => {
                     return Err(Invalid::new(
                         "source",

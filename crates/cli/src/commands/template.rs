@@ -1,4 +1,6 @@
-//! `template ls|get|pull|logs|rm`: the template registry. A pull follows
+//! `template ls|get|pull|import|logs|rm`: the template registry. An import
+//! uploads an image archive with a byte progress bar. A pull (and an
+//! import) follows
 //! the build's ndjson log with a progress bar (`indicatif`, on stderr,
 //! hidden when stderr is not a terminal) and exits 0 once the template is
 //! `ready`, 1 when it `failed` (the reason on stderr).
@@ -28,6 +30,8 @@ pub enum TemplateCommand {
     Get { id: String },
     /// Make a template of an OCI image pulled from a registry
     Pull(PullArgs),
+    /// Make a template of an image archive (`docker save` tar or OCI archive)
+    Import(ImportArgs),
     /// Print a template's build log (ndjson), following a running build
     Logs { id: String },
     /// Delete templates (id or name)
@@ -46,6 +50,21 @@ pub struct PullArgs {
     #[arg(long)]
     pub name: String,
     /// Return once the pull has started, without waiting for it
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Print the template as JSON at the end instead of its id
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The archive file (`docker save` output, or an OCI archive)
+    pub file: std::path::PathBuf,
+    /// Template name (unique in the organization)
+    #[arg(long)]
+    pub name: String,
+    /// Return once the upload is done, without waiting for the import
     #[arg(long)]
     pub no_wait: bool,
     /// Print the template as JSON at the end instead of its id
@@ -80,6 +99,7 @@ pub async fn run(client: &Client, cmd: TemplateCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         TemplateCommand::Pull(a) => pull(client, a).await,
+        TemplateCommand::Import(a) => import(client, a).await,
         TemplateCommand::Logs { id } => {
             let resp = client
                 .send(client.request(Method::GET, &path(&id, "/logs")))
@@ -103,13 +123,55 @@ async fn pull(client: &Client, a: PullArgs) -> Result<ExitCode> {
     let t: Template = client
         .json(client.request(Method::POST, "/v1/templates").json(&body))
         .await?;
-    if !a.no_wait {
+    finish(client, t, a.no_wait, a.json).await
+}
+
+/// Upload the archive (streamed, a progress bar over its bytes), then as a
+/// pull.
+async fn import(client: &Client, a: ImportArgs) -> Result<ExitCode> {
+    let f = tokio::fs::File::open(&a.file)
+        .await
+        .with_context(|| format!("opening {}", a.file.display()))?;
+    let len = f
+        .metadata()
+        .await
+        .with_context(|| format!("reading {}", a.file.display()))?
+        .len();
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} uploading [{bar:30}] {bytes}/{total_bytes}")
+            .context("progress style")?
+            .progress_chars("=> "),
+    );
+    let counter = bar.clone();
+    let stream = tokio_util::io::ReaderStream::with_capacity(f, 256 << 10).inspect(move |c| {
+        if let Ok(c) = c {
+            counter.inc(c.len() as u64);
+        }
+    });
+    let rb = client
+        .request(
+            Method::POST,
+            &format!("/v1/templates/import?name={}", query_value(&a.name)),
+        )
+        .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
+        .body(reqwest::Body::wrap_stream(stream));
+    let t: Result<Template> = client.json(rb).await;
+    bar.finish_and_clear();
+    finish(client, t?, a.no_wait, a.json).await
+}
+
+/// Follow the build (unless `no_wait`), print the template; exit 1 when
+/// it failed.
+async fn finish(client: &Client, t: Template, no_wait: bool, json: bool) -> Result<ExitCode> {
+    let a = (no_wait, json);
+    if !a.0 {
         follow(client, &t.id).await?;
     }
     let t: Template = client
         .json(client.request(Method::GET, &path(&t.id, "")))
         .await?;
-    if a.json {
+    if a.1 {
         out(&format!("{}\n", serde_json::to_string_pretty(&t)?))?;
     } else {
         out(&format!("{}\n", t.id))?;
@@ -198,6 +260,7 @@ fn table(list: &[Template]) -> String {
         let source = match &t.source {
             sandforge_api::TemplateSource::Builtin => "builtin".to_string(),
             sandforge_api::TemplateSource::Image { reference } => reference.clone(),
+            sandforge_api::TemplateSource::Archive => "archive".to_string(),
         };
         s.push_str(&format!(
             "{:<20} {:<20} {:<9} {:>9}M  {}\n",

@@ -16,6 +16,7 @@
 //! about the database, template ids or HTTP routes (the caller owns those,
 //! and the garbage collection of blobs no template uses any more).
 
+mod archive;
 mod feed;
 pub mod reference;
 pub mod unpack;
@@ -123,6 +124,10 @@ pub enum ImageError {
     /// Talking to the registry failed.
     #[error("registry: {0}")]
     Registry(String),
+    /// An image archive is malformed or hostile (missing or non-file
+    /// members, names leaving the archive, oversized JSON...).
+    #[error("bad archive: {0}")]
+    Archive(String),
     #[error("{0}")]
     Io(String),
 }
@@ -573,6 +578,138 @@ pub async fn pull(
     }
 }
 
+/// What a template records of an image; refuses one that is not
+/// linux/amd64.
+fn image_info(
+    reference: &str,
+    digest: String,
+    config_digest: String,
+    layers: &[(String, u64)],
+    config: &oci_spec::image::ImageConfiguration,
+) -> Result<ImageInfo, ImageError> {
+    let (os, arch) = (config.os().to_string(), config.architecture().to_string());
+    if os != PLATFORM_OS || arch != PLATFORM_ARCH {
+        return Err(ImageError::Platform(format!("{reference} is {os}/{arch}")));
+    }
+    let cfg = config.config().clone().unwrap_or_default();
+    Ok(ImageInfo {
+        reference: reference.to_string(),
+        digest,
+        config_digest,
+        layers: layers.iter().map(|l| l.0.clone()).collect(),
+        layers_bytes: layers.iter().map(|l| l.1).sum(),
+        size_bytes: 0,
+        env: cfg.env().clone().unwrap_or_default(),
+        workdir: cfg.working_dir().clone().filter(|w| !w.is_empty()),
+        user: cfg.user().clone().filter(|u| !u.is_empty()),
+        entrypoint: cfg.entrypoint().clone().unwrap_or_default(),
+        cmd: cfg.cmd().clone().unwrap_or_default(),
+    })
+}
+
+/// Await a blocking half, passing on its events as they come.
+async fn forwarding<T>(
+    mut job: tokio::task::JoinHandle<Result<T, ImageError>>,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<PullEvent>,
+    progress: &(dyn Fn(PullEvent) + Send + Sync),
+) -> Result<T, ImageError> {
+    let r = loop {
+        tokio::select! {
+            biased;
+            Some(ev) = rx.recv() => progress(ev),
+            r = &mut job => break r,
+        }
+    };
+    while let Ok(ev) = rx.try_recv() {
+        progress(ev);
+    }
+    r.unwrap_or_else(|e| Err(ImageError::Io(format!("blocking task: {e}"))))
+}
+
+/// Make a template at `dest` (as [`pull`] does) of the image in an archive
+/// file: an OCI archive or a `docker save` tar (see [`archive`]). Its
+/// layers are verified and put in the blob store, then unpacked by the
+/// same unpacker; `label` becomes the image's `reference`. On any error
+/// nothing is left at `dest`.
+pub async fn import(
+    opts: &PullOptions,
+    archive_path: &Path,
+    label: &str,
+    dest: &Path,
+    progress: &(dyn Fn(PullEvent) + Send + Sync),
+) -> Result<ImageInfo, ImageError> {
+    let name = dest
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| ImageError::Io(format!("bad destination {}", dest.display())))?
+        .to_string();
+    if opts.uid_shift.checked_add(u32::from(u16::MAX)).is_none() {
+        return Err(ImageError::Io(format!(
+            "uid_shift {} out of range",
+            opts.uid_shift
+        )));
+    }
+    if dest.symlink_metadata().is_ok() {
+        return Err(ImageError::Exists(dest.to_path_buf()));
+    }
+    let parent = dest
+        .parent()
+        .ok_or_else(|| ImageError::Io(format!("bad destination {}", dest.display())))?
+        .to_path_buf();
+    tokio::fs::create_dir_all(&parent)
+        .await
+        .map_err(|e| ImageError::Io(format!("create {}: {e}", parent.display())))?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (path, blob_dir) = (archive_path.to_path_buf(), opts.blob_dir.clone());
+    let events = tx.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        archive::read_archive(&path, &blob_dir, &|e| {
+            let _ = events.send(e);
+        })
+    });
+    let imported = forwarding(read, &mut rx, progress).await?;
+    let mut info = image_info(
+        label,
+        imported.digest,
+        imported.config_digest,
+        &imported.layers,
+        &imported.config,
+    )?;
+    info.reference = label.to_string();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let _cancel = SetOnDrop(cancel.clone());
+    let corrupt = Arc::new(AtomicBool::new(false));
+    let mut layers = Vec::new();
+    for (digest, size) in &imported.layers {
+        let p = blob_path(&opts.blob_dir, digest)?;
+        let f = std::fs::File::open(&p)
+            .map_err(|e| ImageError::Io(format!("open {}: {e}", p.display())))?;
+        let rd =
+            feed::LayerReader::stored(f, p, digest.clone(), *size, cancel.clone(), corrupt.clone());
+        layers.push((digest.clone(), rd));
+    }
+    let job = UnpackJob {
+        staging: parent.join(format!(".{name}.tmp-{:016x}", rand::random::<u64>())),
+        dest: dest.to_path_buf(),
+        name,
+        uid_shift: opts.uid_shift,
+        layers,
+        info,
+        events: tx,
+        cancel,
+    };
+    let info = forwarding(
+        tokio::task::spawn_blocking(move || job.run()),
+        &mut rx,
+        progress,
+    )
+    .await?;
+    progress(PullEvent::Done {
+        size_bytes: info.size_bytes,
+    });
+    Ok(info)
+}
+
 /// Sets its flag when dropped: tells the unpacking thread that the pull is
 /// over (cancelled, or failed elsewhere).
 struct SetOnDrop(Arc<AtomicBool>);
@@ -630,24 +767,18 @@ async fn pull_once(
         .await
         .map_err(|e| map_registry(&manifest.config.digest, e))?;
     let config = parse_config(&raw)?;
-    let (os, arch) = (config.os().to_string(), config.architecture().to_string());
-    if os != PLATFORM_OS || arch != PLATFORM_ARCH {
-        return Err(ImageError::Platform(format!("{reference} is {os}/{arch}")));
-    }
-    let cfg = config.config().clone().unwrap_or_default();
-    let info = ImageInfo {
-        reference: reference.to_string(),
+    let layer_sizes: Vec<(String, u64)> = manifest
+        .layers
+        .iter()
+        .map(|l| (l.digest.clone(), l.size.max(0) as u64))
+        .collect();
+    let info = image_info(
+        reference,
         digest,
-        config_digest: manifest.config.digest.clone(),
-        layers: manifest.layers.iter().map(|l| l.digest.clone()).collect(),
-        layers_bytes: manifest.layers.iter().map(|l| l.size.max(0) as u64).sum(),
-        size_bytes: 0,
-        env: cfg.env().clone().unwrap_or_default(),
-        workdir: cfg.working_dir().clone().filter(|w| !w.is_empty()),
-        user: cfg.user().clone().filter(|u| !u.is_empty()),
-        entrypoint: cfg.entrypoint().clone().unwrap_or_default(),
-        cmd: cfg.cmd().clone().unwrap_or_default(),
-    };
+        manifest.config.digest.clone(),
+        &layer_sizes,
+        &config,
+    )?;
 
     let parent = dest
         .parent()
