@@ -293,6 +293,7 @@ fn read_oci(
     let descs = manifest["layers"]
         .as_array()
         .ok_or_else(|| bad("manifest: no layers"))?;
+    super::check_layer_count(descs.len())?;
     events(PullEvent::Resolved {
         digest: digest.clone(),
         layers: descs.len(),
@@ -349,6 +350,7 @@ fn read_docker(
                 .ok_or_else(|| bad("manifest.json: a layer is not a path"))
         })
         .collect::<Result<_, _>>()?;
+    super::check_layer_count(paths.len())?;
     if paths.len() != diff_ids.len() {
         return Err(bad(format!(
             "{} layers for {} diff_ids in the config",

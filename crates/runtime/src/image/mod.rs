@@ -193,6 +193,17 @@ const PLATFORM_OS: &str = "linux";
 /// An image config is a small JSON document; it is read into memory.
 const MAX_CONFIG_BYTES: i64 = 8 << 20;
 const PLATFORM_ARCH: &str = "amd64";
+/// Most layers an image may have (Docker's own limit is 127).
+pub const MAX_LAYERS: usize = 256;
+
+fn check_layer_count(n: usize) -> Result<(), ImageError> {
+    if n > MAX_LAYERS {
+        return Err(ImageError::Layer(format!(
+            "{n} layers (at most {MAX_LAYERS})"
+        )));
+    }
+    Ok(())
+}
 
 /// The manifest for linux/amd64 (from an index, or the image itself).
 async fn resolve_manifest(
@@ -748,6 +759,7 @@ async fn pull_once(
     };
     let client = client_for(&r);
     let (manifest, digest) = resolve_manifest(&client, &r, &auth, reference).await?;
+    check_layer_count(manifest.layers.len())?;
     progress(PullEvent::Resolved {
         digest: digest.clone(),
         layers: manifest.layers.len(),
