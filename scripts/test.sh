@@ -17,4 +17,4 @@ echo "== the API suite again, against microVMs =="
 SANDFORGE_TEST_ISOLATION=microvm cargo test -p sandforge-tests \
   --test api --test files --test errors --test isolation --test durability --test cli \
   --test network --test terminal --test proxy --test lifecycle --test snapshots --test security \
-  --test templates --test users --test template_build "$@"
+  --test templates --test users --test template_build --test template_import "$@"

@@ -26,6 +26,8 @@ use serde_json::json;
 const ROOTFS: &str = "/var/cache/sandforge/templates/default/rootfs";
 /// Present when scripts/build-guest.sh made the microVM guest.
 const GUEST: &str = "/var/cache/sandforge/guest/guest.json";
+/// See the pull loop.
+const INODE_COOLDOWN: Duration = Duration::from_secs(35);
 
 async fn pull(d: &Daemon, name: &str, image: &str) -> String {
     let (s, t) = d
@@ -137,6 +139,13 @@ async fn main() {
                 .call(Method::DELETE, &format!("/v1/templates/{id}"), None)
                 .await;
             assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+            // ext4 without a journal (as here) will not reuse an inode
+            // freed in the last dirty_expire_centisecs (30 s) and scans
+            // past every such inode at each create: right after deleting
+            // a tree this size, the next one's 42k creates cost ~20 s of
+            // kernel time. That is the filesystem, not the pull: wait it
+            // out (untimed).
+            tokio::time::sleep(INODE_COOLDOWN).await;
         } else {
             last = id;
         }

@@ -259,6 +259,38 @@ impl Layout {
         })
     }
 
+    /// Tags `desc` (as `t`) in index.json, making the layout complete.
+    pub fn tag(&self, mut desc: serde_json::Value) {
+        desc["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": "t"});
+        std::fs::write(
+            self.dir.join("index.json"),
+            serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [desc]}))
+                .unwrap(),
+        )
+        .unwrap();
+    }
+
+    /// The layout (tagged with [`Layout::tag`]) as an archive file, with
+    /// `skopeo copy`: `format` is `docker-archive` or `oci-archive`.
+    pub fn archive(&self, format: &str, file: &Path) {
+        let dest = if format == "docker-archive" {
+            format!("{format}:{}:test/img:t", file.display())
+        } else {
+            format!("{format}:{}:t", file.display())
+        };
+        let out = Command::new("skopeo")
+            .args(["--insecure-policy", "copy", "-q"])
+            .arg(format!("oci:{}:t", self.dir.display()))
+            .arg(dest)
+            .output()
+            .expect("skopeo (scripts/deps.sh installs it)");
+        assert!(
+            out.status.success(),
+            "skopeo copy to {format}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Tags `desc` in index.json and pushes it (all of an index) as `test/<name>`.
     pub fn push(&self, reg: &Registry, mut desc: serde_json::Value, name: &str) {
         desc["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": "t"});

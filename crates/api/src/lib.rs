@@ -22,8 +22,8 @@ pub use sandbox::{
     CreateSandbox, DeleteResponse, Health, Isolation, Mount, Sandbox, SandboxStatus,
 };
 pub use template::{
-    CreateTemplate, RebuildTemplate, RegistryCredentials, SaveTemplate, Template, TemplateDefaults,
-    TemplateSource, TemplateStatus, ValidTemplate,
+    validate_template_name, CreateTemplate, RebuildTemplate, RegistryCredentials, SaveTemplate,
+    Template, TemplateDefaults, TemplateSource, TemplateStatus, ValidTemplate,
 };
 
 /// A validation failure: the offending field and why.

@@ -27,6 +27,9 @@ pub enum TemplateSource {
     },
     /// Built from a Dockerfile (`FROM` names `from`).
     Dockerfile { from: String },
+    /// An image archive (`docker save` tar or OCI archive) uploaded to
+    /// `POST /v1/templates/import`.
+    Archive,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,7 +203,8 @@ pub struct SaveTemplate {
     pub name: String,
 }
 
-/// The checks every new template's name passes.
+/// The checks every new template's name passes (also an import's `name`
+/// parameter).
 pub fn validate_template_name(name: &str) -> Result<(), Invalid> {
     validate_name("name", name)?;
     if name.starts_with("tmpl_") || name == "base" {
@@ -268,6 +272,10 @@ impl CreateTemplate {
             match (self.image, self.source) {
                 (Some(r), None) => TemplateSource::Image { reference: r },
                 (None, Some(s @ TemplateSource::Image { .. })) => s,
+                (None, Some(TemplateSource::Archive)) => return Err(Invalid::new(
+                    "source",
+                    "an archive is uploaded as the body of POST /v1/templates/import?name=<name>",
+                )),
                 (None, Some(TemplateSource::Builtin)) => {
                     return Err(Invalid::new(
                         "source",

@@ -197,7 +197,7 @@ pub async fn commit(
         let mut guard = Cleanup(Some(staging.clone()));
         let rootfs = staging.join("rootfs");
         std::fs::create_dir_all(&rootfs).map_err(|e| io_err("create", &rootfs, e))?;
-        let u = Unpacker::new(&rootfs, Some(uid_shift)).map_err(CommitError::Layer)?;
+        let mut u = Unpacker::new(&rootfs, Some(uid_shift)).map_err(CommitError::Layer)?;
         let mut reader = PieceReader {
             rx,
             cur: Bytes::new(),

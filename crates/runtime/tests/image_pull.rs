@@ -30,13 +30,22 @@ impl Events {
     }
 }
 
+/// The layers downloaded, sorted (they download concurrently).
 fn downloaded(ev: &[PullEvent]) -> Vec<String> {
-    ev.iter()
+    let mut d: Vec<String> = ev
+        .iter()
         .filter_map(|e| match e {
             PullEvent::LayerDownloaded { digest, .. } => Some(digest.clone()),
             _ => None,
         })
-        .collect()
+        .collect();
+    d.sort();
+    d
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
 }
 
 fn cached(ev: &[PullEvent]) -> Vec<String> {
@@ -146,7 +155,15 @@ async fn pull_from_a_real_registry() {
     .await
     .unwrap();
     let events = ev.take();
-    assert_eq!(downloaded(&events), l1);
+    assert_eq!(downloaded(&events), sorted(l1.clone()));
+    let unpacking: Vec<String> = events
+        .iter()
+        .filter_map(|e| match e {
+            PullEvent::LayerUnpacking { digest } => Some(digest.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(unpacking, l1, "applied in order");
     assert!(matches!(events.last(), Some(PullEvent::Done { .. })));
     assert_eq!(info.layers, l1);
     assert_eq!(info.workdir.as_deref(), Some("/app"));
@@ -224,6 +241,32 @@ async fn pull_from_a_real_registry() {
     .unwrap();
     assert_eq!(pinned.digest, info.digest);
     assert!(downloaded(&ev.take()).is_empty(), "everything cached");
+
+    // 3b. A stored blob torn by a crash (blobs are not fsynced): found
+    // corrupt as it is unpacked, removed, fetched again.
+    let stored = sandforge_runtime::image::blob_path(&opts.blob_dir, &l1[0]).unwrap();
+    let len = std::fs::metadata(&stored).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&stored)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    pull(
+        &opts,
+        &format!("{host}/test/img:1"),
+        &templates.join("again"),
+        &ev.cb(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(downloaded(&ev.take()), vec![l1[0].clone()]);
+    assert_eq!(std::fs::metadata(&stored).unwrap().len(), len);
+    assert_eq!(
+        std::fs::read_to_string(templates.join("again/rootfs/var/cache/new")).unwrap(),
+        "upper\n"
+    );
+    std::fs::remove_dir_all(templates.join("again")).unwrap();
 
     // 4. An index: its linux/amd64 image; an index without one.
     let m = pull(

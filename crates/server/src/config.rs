@@ -107,6 +107,9 @@ pub struct Config {
     /// text and its JSON answers until sent); beyond it a new buffered exec
     /// gets 429 `limit` and a running one is cut (`truncated`).
     pub exec_buffer_budget_mb: u64,
+    /// MiB an image archive uploaded to `POST /v1/templates/import` may
+    /// have (it is spooled to the state dir; beyond it: 413).
+    pub template_import_max_mb: u64,
 }
 
 /// The YAML text as a config: a wrong type or unknown key is an error that
@@ -166,6 +169,7 @@ impl Default for Config {
             max_connections: 1024,
             header_timeout_secs: 15,
             exec_buffer_budget_mb: 256,
+            template_import_max_mb: 4096,
         }
     }
 }
@@ -327,6 +331,12 @@ impl Config {
             1 << 20,
         )?;
         range("template_max_mb", self.template_max_mb, 16, MAX_DISK_MB)?;
+        range(
+            "template_import_max_mb",
+            self.template_import_max_mb,
+            1,
+            1 << 20,
+        )?;
         range(
             "max_snapshots_per_sandbox",
             self.max_snapshots_per_sandbox,

@@ -249,6 +249,15 @@ impl Controller {
             TemplateSource::Dockerfile { .. } => {
                 return self.rebuild_dockerfile(org, row);
             }
+            TemplateSource::Archive => {
+                return Err(ApiError::conflict(
+                    "template_from_archive",
+                    format!(
+                        "template '{}' was made from an uploaded archive: import it again under a new name",
+                        row.name
+                    ),
+                ))
+            }
             TemplateSource::Sandbox { sandbox_id, .. } => {
                 return Err(ApiError::conflict(
                     "cannot_rebuild",
@@ -294,6 +303,97 @@ impl Controller {
         Ok(self.template_to_api(&self.template_row(org, given)?))
     }
 
+    /// Where an upload to `POST /templates/import` is spooled (removed at
+    /// start like every staging path, `.tmp-` in its name).
+    pub fn import_spool_path(&self) -> PathBuf {
+        self.own_templates_dir()
+            .join(format!(".import-{:016x}.tmp-upload", rand::random::<u64>()))
+    }
+
+    /// Spool an upload (the archive, as the request body) to a new file
+    /// under the state dir, at most `template_import_max_mb` (413 beyond;
+    /// 400 when empty or cut short). The file is removed on any error.
+    pub async fn spool_import<S, E>(&self, mut body: S) -> Result<PathBuf, ApiError>
+    where
+        S: futures_util::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let limit = self.cfg.template_import_max_mb << 20;
+        tokio::fs::create_dir_all(self.own_templates_dir())
+            .await
+            .map_err(|e| ApiError::internal(format!("templates dir: {e}")))?;
+        let path = self.import_spool_path();
+        let spool = SpoolFile(path.clone());
+        let mut f = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .await
+            .map_err(|e| ApiError::internal(format!("spooling the upload: {e}")))?;
+        let mut total: u64 = 0;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk
+                .map_err(|e| ApiError::bad_request("body", format!("reading the upload: {e}")))?;
+            total += chunk.len() as u64;
+            if total > limit {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "archive_too_large",
+                    format!(
+                        "the archive is larger than template_import_max_mb ({} MiB)",
+                        limit >> 20
+                    ),
+                )
+                .field("body"));
+            }
+            f.write_all(&chunk)
+                .await
+                .map_err(|e| ApiError::internal(format!("spooling the upload: {e}")))?;
+        }
+        f.flush()
+            .await
+            .map_err(|e| ApiError::internal(format!("spooling the upload: {e}")))?;
+        if total == 0 {
+            return Err(ApiError::bad_request(
+                "body",
+                "empty: the request body is the image archive (docker save tar or OCI archive)",
+            ));
+        }
+        std::mem::forget(spool);
+        Ok(path)
+    }
+
+    /// `POST /templates/import`: register the template (`building`) and
+    /// import the spooled archive at `archive` in the background (the
+    /// file is removed when done, whatever happens).
+    pub fn import_template(
+        self: &Arc<Self>,
+        org: &str,
+        name: &str,
+        archive: PathBuf,
+    ) -> Result<Template, ApiError> {
+        let spool = SpoolFile(archive);
+        sandforge_api::validate_template_name(name)?;
+        let row = self.insert_building(
+            org,
+            name.to_string(),
+            TemplateSource::Archive,
+            TemplateDefaults::default(),
+        )?;
+        let this = self.clone();
+        let id = row.id.clone();
+        let label = format!("archive:{name}");
+        tokio::spawn(async move {
+            let spool = spool;
+            this.run_image_build(&id, &label, Build::Archive(&spool.0))
+                .await;
+        });
+        Ok(self.template_to_api(&row))
+    }
+
     /// Pull `reference` into the template `id`; `credentials` are used for
     /// this pull only (never written anywhere, not even the build log).
     async fn build_template(
@@ -302,6 +402,11 @@ impl Controller {
         reference: &str,
         credentials: Option<RegistryCredentials>,
     ) {
+        self.run_image_build(id, reference, Build::Pull(credentials))
+            .await
+    }
+
+    async fn run_image_build(&self, id: &str, reference: &str, how: Build<'_>) {
         let log_path = self.build_log(id);
         let log = std::sync::Mutex::new(
             std::fs::OpenOptions::new()
@@ -316,22 +421,36 @@ impl Controller {
                 let _ = writeln!(f, "{line}");
             }
         };
+        let (event, authenticated) = match &how {
+            Build::Pull(c) => ("pull", c.is_some()),
+            Build::Archive(_) => ("import", false),
+        };
         write(serde_json::json!({
-            "event": "pull",
+            "event": event,
             "reference": reference,
-            "authenticated": credentials.is_some(),
+            "authenticated": authenticated,
             "at": now(),
         }));
         let progress = |e: PullEvent| write(event_json(&e));
         let opts = PullOptions {
             blob_dir: self.blob_dir(),
             uid_shift: UID_SHIFT,
-            credentials: credentials.map(|c| (c.username, c.password)),
+            credentials: match &how {
+                Build::Pull(Some(c)) => Some((c.username.clone(), c.password.clone())),
+                _ => None,
+            },
         };
         let dest = self.own_templates_dir().join(id);
         let result = {
             let _blobs = BLOBS.lock().await;
-            sandforge_runtime::image::pull(&opts, reference, &dest, &progress).await
+            match how {
+                Build::Pull(_) => {
+                    sandforge_runtime::image::pull(&opts, reference, &dest, &progress).await
+                }
+                Build::Archive(path) => {
+                    sandforge_runtime::image::import(&opts, path, reference, &dest, &progress).await
+                }
+            }
         };
         let outcome = match result {
             Ok(info) => {
@@ -581,6 +700,24 @@ fn append_log(path: &std::path::Path, line: &serde_json::Value) {
     }
 }
 
+/// What a build makes its template of.
+enum Build<'a> {
+    /// The row's image reference, from its registry (with these
+    /// credentials, if any).
+    Pull(Option<RegistryCredentials>),
+    /// An uploaded archive spooled at this path.
+    Archive(&'a std::path::Path),
+}
+
+/// An uploaded archive's spool file, removed when dropped.
+struct SpoolFile(PathBuf);
+
+impl Drop for SpoolFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// The directory name a sandbox's spec records for a template row.
 fn stored_name(t: &TemplateRow) -> String {
     match t.source {
@@ -607,6 +744,7 @@ fn pull_reason(e: &ImageError) -> String {
         ImageError::Layer(_) => "bad layer",
         ImageError::Exists(_) | ImageError::Io(_) => "io",
         ImageError::Registry(_) => "registry",
+        ImageError::Archive(_) => "bad archive",
     };
     format!("{kind}: {e}")
 }

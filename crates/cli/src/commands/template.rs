@@ -1,8 +1,10 @@
-//! `template ls|get|pull|build|save|logs|rm`: the template registry. A
-//! pull, a Dockerfile build or a sandbox save follows the build's ndjson
-//! log with a progress bar (`indicatif`, on stderr, hidden when stderr is
-//! not a terminal; a build's step output goes to stderr) and exits 0 once
-//! the template is `ready`, 1 when it `failed` (the reason on stderr).
+//! `template ls|get|pull|import|build|save|logs|rm`: the template
+//! registry. An import uploads an image archive with a byte progress bar.
+//! A pull, an import, a Dockerfile build or a sandbox save follows the
+//! build's ndjson log with a progress bar (`indicatif`, on stderr, hidden
+//! when stderr is not a terminal; a build's step output goes to stderr) and
+//! exits 0 once the template is `ready`, 1 when it `failed` (the reason on
+//! stderr).
 
 use std::process::ExitCode;
 
@@ -34,6 +36,8 @@ pub enum TemplateCommand {
     Build(BuildArgs),
     /// Save a sandbox's filesystem (running or stopped) as a template
     Save(SaveArgs),
+    /// Make a template of an image archive (`docker save` tar or OCI archive)
+    Import(ImportArgs),
     /// Print a template's build log (ndjson), following a running build
     Logs { id: String },
     /// Delete templates (id or name)
@@ -132,6 +136,21 @@ pub struct SaveArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The archive file (`docker save` output, or an OCI archive)
+    pub file: std::path::PathBuf,
+    /// Template name (unique in the organization)
+    #[arg(long)]
+    pub name: String,
+    /// Return once the upload is done, without waiting for the import
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Print the template as JSON at the end instead of its id
+    #[arg(long)]
+    pub json: bool,
+}
+
 fn path(id: &str, suffix: &str) -> String {
     format!("/v1/templates/{}{suffix}", query_value(id))
 }
@@ -173,6 +192,7 @@ pub async fn run(client: &Client, cmd: TemplateCommand) -> Result<ExitCode> {
                 .await?;
             conclude(client, t, a.no_wait, a.json).await
         }
+        TemplateCommand::Import(a) => import(client, a).await,
         TemplateCommand::Logs { id } => {
             let resp = client
                 .send(client.request(Method::GET, &path(&id, "/logs")))
@@ -198,8 +218,7 @@ async fn pull(client: &Client, a: PullArgs) -> Result<ExitCode> {
         memory_mb: a.memory_mb,
         disk_mb: a.disk_mb,
         egress: None,
-        dockerfile: None,
-        context: None,
+        ..Default::default()
     };
     let t: Template = client
         .json(client.request(Method::POST, "/v1/templates").json(&body))
@@ -265,6 +284,41 @@ async fn conclude(client: &Client, t: Template, no_wait: bool, json: bool) -> Re
         }
         _ => Ok(ExitCode::SUCCESS),
     }
+}
+
+/// Upload the archive (streamed, a progress bar over its bytes), then as a
+/// pull.
+async fn import(client: &Client, a: ImportArgs) -> Result<ExitCode> {
+    let f = tokio::fs::File::open(&a.file)
+        .await
+        .with_context(|| format!("opening {}", a.file.display()))?;
+    let len = f
+        .metadata()
+        .await
+        .with_context(|| format!("reading {}", a.file.display()))?
+        .len();
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} uploading [{bar:30}] {bytes}/{total_bytes}")
+            .context("progress style")?
+            .progress_chars("=> "),
+    );
+    let counter = bar.clone();
+    let stream = tokio_util::io::ReaderStream::with_capacity(f, 256 << 10).inspect(move |c| {
+        if let Ok(c) = c {
+            counter.inc(c.len() as u64);
+        }
+    });
+    let rb = client
+        .request(
+            Method::POST,
+            &format!("/v1/templates/import?name={}", query_value(&a.name)),
+        )
+        .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
+        .body(reqwest::Body::wrap_stream(stream));
+    let t: Result<Template> = client.json(rb).await;
+    bar.finish_and_clear();
+    conclude(client, t?, a.no_wait, a.json).await
 }
 
 /// Follow the build log, drawing a byte progress bar over the layers.
@@ -364,6 +418,7 @@ fn table(list: &[Template]) -> String {
                 format!("sandbox {sandbox_id}")
             }
             sandforge_api::TemplateSource::Dockerfile { from } => format!("dockerfile FROM {from}"),
+            sandforge_api::TemplateSource::Archive => "archive".to_string(),
         };
         s.push_str(&format!(
             "{:<20} {:<20} {:<9} {:>9}M  {}\n",

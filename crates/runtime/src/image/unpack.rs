@@ -10,11 +10,13 @@
 //! component is always created/removed with `*at` calls on the parent's
 //! descriptor without following it. Hard links resolve their target the same
 //! way (so they can only point at files inside), device nodes are skipped,
-//! ownership is shifted with `fchownat(AT_SYMLINK_NOFOLLOW)`.
+//! ownership is shifted with `fchown` on a new file's descriptor or
+//! `fchownat(AT_SYMLINK_NOFOLLOW)`. Consecutive entries of one directory
+//! reuse its descriptor until anything is removed.
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Component, Path};
 
@@ -185,6 +187,9 @@ fn clear_dir(dir: &OwnedFd, keep: &HashSet<String>) -> io::Result<()> {
     Ok(())
 }
 
+/// Bytes copied per read/write of a file's data.
+const COPY_BUF: usize = 256 << 10;
+
 /// Applies layers, in order, to one rootfs.
 pub struct Unpacker {
     root: OwnedFd,
@@ -210,10 +215,16 @@ impl Unpacker {
     }
 
     /// Apply one (uncompressed) layer tarball.
-    pub fn apply<R: Read>(&self, layer: R) -> Result<(), ImageError> {
+    pub fn apply<R: Read>(&mut self, layer: R) -> Result<(), ImageError> {
         let mut ar = tar::Archive::new(layer);
         // Paths this layer wrote: an opaque whiteout hides only lower layers.
         let mut written: HashSet<Vec<String>> = HashSet::new();
+        // The parent directory of the last entry (entries come grouped by
+        // directory): opened once, resolved again only for another parent.
+        // Anything that removes an entry (whiteouts, replacements) may have
+        // removed a directory on the way to it, so it clears the cache.
+        let mut parent_cache: Option<(Vec<String>, OwnedFd)> = None;
+        let mut buf = vec![0u8; COPY_BUF];
         let entries = ar
             .entries()
             .map_err(|e| ImageError::Layer(format!("read tar: {e}")))?;
@@ -228,6 +239,7 @@ impl Unpacker {
                 continue; // the rootfs itself ("./")
             };
             if name == WHITEOUT_OPAQUE {
+                parent_cache = None;
                 let dir = ensure_dir(&self.root, parent, self.shift)?;
                 let keep: HashSet<String> = written
                     .iter()
@@ -244,6 +256,7 @@ impl Unpacker {
                         path.display()
                     )));
                 }
+                parent_cache = None;
                 match open_dir_in_root(&self.root, parent) {
                     Ok(dir) => {
                         remove_all_at(&dir, target).map_err(|e| io_err("whiteout", &comps, e))?
@@ -253,59 +266,137 @@ impl Unpacker {
                 }
                 continue;
             }
-            let dir = ensure_dir(&self.root, parent, self.shift)?;
-            self.write_entry(&dir, name, &comps, &mut entry)?;
+            let dir = match parent_cache.take() {
+                Some((p, fd)) if p == parent => fd,
+                _ => ensure_dir(&self.root, parent, self.shift)?,
+            };
+            let replaced = self.write_entry(&dir, name, &comps, &mut entry, &mut buf)?;
+            if !replaced {
+                parent_cache = Some((parent.to_vec(), dir));
+            }
             written.insert(comps);
         }
         Ok(())
     }
 
+    /// Create one entry in `dir` (the parent). Returns whether something
+    /// that was there was removed for it.
     fn write_entry<R: Read>(
         &self,
         dir: &OwnedFd,
         name: &str,
         comps: &[String],
         entry: &mut tar::Entry<R>,
-    ) -> Result<(), ImageError> {
+        buf: &mut [u8],
+    ) -> Result<bool, ImageError> {
         let h = entry.header();
         let kind = h.entry_type();
         let mode = h.mode().unwrap_or(0o644) & 0o7777;
         let uid = h.uid().unwrap_or(0);
         let gid = h.gid().unwrap_or(0);
         let mtime = h.mtime().unwrap_or(0);
-        let existing = statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).ok();
-        let existing_dir = existing
-            .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
-            .unwrap_or(false);
         use tar::EntryType as E;
         if matches!(kind, E::Char | E::Block) {
-            return Ok(()); // device nodes are never created
+            return Ok(false); // device nodes are never created
         }
-        // Anything but a directory over a directory replaces what is there.
-        if existing.is_some() && !(kind == E::Directory && existing_dir) {
-            remove_all_at(dir, name).map_err(|e| io_err("replace", comps, e))?;
-        }
+        let owner = match self.shift {
+            None => None,
+            Some(s) => {
+                let shifted = |id: u64| {
+                    u32::try_from(id)
+                        .ok()
+                        .and_then(|id| id.checked_add(s))
+                        .filter(|id| *id != u32::MAX)
+                        .ok_or_else(|| {
+                            io_err(
+                                "chown",
+                                comps,
+                                io::Error::other(format!("id {id} out of range")),
+                            )
+                        })
+                };
+                Some((uid_of(shifted(uid)?), gid_of(shifted(gid)?)))
+            }
+        };
+        let t = Timespec {
+            tv_sec: mtime as i64,
+            tv_nsec: 0,
+        };
+        let times = Timestamps {
+            last_access: t,
+            last_modification: t,
+        };
+        // Made without looking first; what is in the way (anything but a
+        // directory where a directory goes) is removed and the call made
+        // again, never followed.
+        let mut replaced = false;
+        let mut make =
+            |f: &mut dyn FnMut() -> rustix::io::Result<()>, what: &str| -> Result<(), ImageError> {
+                match f() {
+                    Err(rustix::io::Errno::EXIST) => {
+                        remove_all_at(dir, name).map_err(|e| io_err("replace", comps, e))?;
+                        replaced = true;
+                        f().map_err(|e| io_err(what, comps, e))
+                    }
+                    r => r.map_err(|e| io_err(what, comps, e)),
+                }
+            };
         match kind {
             E::Directory => {
-                if !existing_dir {
-                    mkdirat(dir, name, Mode::from_raw_mode(0o755))
-                        .map_err(|e| io_err("mkdir", comps, e))?;
+                let made = mkdirat(dir, name, Mode::from_raw_mode(0o755));
+                if made == Err(rustix::io::Errno::EXIST) {
+                    let st = statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+                        .map_err(|e| io_err("stat", comps, e))?;
+                    if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+                        make(
+                            &mut || mkdirat(dir, name, Mode::from_raw_mode(0o755)),
+                            "mkdir",
+                        )?;
+                    }
+                } else {
+                    made.map_err(|e| io_err("mkdir", comps, e))?;
                 }
+                self.own_and_mode(dir, name, comps, owner, Some(mode))?;
             }
             E::Regular | E::Continuous | E::GNUSparse => {
-                let fd = openat(
-                    dir,
-                    name,
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )
-                .map_err(|e| io_err("create", comps, e))?;
+                let mut fd = None;
+                make(
+                    &mut || {
+                        fd = Some(openat(
+                            dir,
+                            name,
+                            OFlags::WRONLY
+                                | OFlags::CREATE
+                                | OFlags::EXCL
+                                | OFlags::NOFOLLOW
+                                | OFlags::CLOEXEC,
+                            Mode::from_raw_mode(0o600),
+                        )?);
+                        Ok(())
+                    },
+                    "create",
+                )?;
+                let fd = fd.ok_or_else(|| io_err("create", comps, io::Error::other("no fd")))?;
                 let mut f = File::from(fd);
-                io::copy(entry, &mut f).map_err(|e| io_err("write", comps, e))?;
+                loop {
+                    let n = match entry.read(buf) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(io_err("write", comps, e)),
+                    };
+                    f.write_all(&buf[..n])
+                        .map_err(|e| io_err("write", comps, e))?;
+                }
+                // On the descriptor: chown (which clears set-id bits), then
+                // the mode, then the times (after the last write).
+                if let Some((u, g)) = owner {
+                    rustix::fs::fchown(&f, Some(u), Some(g))
+                        .map_err(|e| io_err("chown", comps, e))?;
+                }
+                rustix::fs::fchmod(&f, Mode::from_raw_mode(mode))
+                    .map_err(|e| io_err("chmod", comps, e))?;
+                let _ = rustix::fs::futimens(&f, &times);
             }
             E::Symlink => {
                 let target = entry
@@ -315,7 +406,9 @@ impl Unpacker {
                         ImageError::Layer(format!("symlink /{} has no target", comps.join("/")))
                     })?
                     .into_owned();
-                symlinkat(&target, dir, name).map_err(|e| io_err("symlink", comps, e))?;
+                make(&mut || symlinkat(&target, dir, name), "symlink")?;
+                self.own_and_mode(dir, name, comps, owner, None)?;
+                let _ = utimensat(dir, name, &times, AtFlags::SYMLINK_NOFOLLOW);
             }
             E::Link => {
                 let target = entry
@@ -334,59 +427,43 @@ impl Unpacker {
                 };
                 let tdir = open_dir_in_root(&self.root, tparent)
                     .map_err(|e| io_err("link target", &tcomps, e))?;
-                linkat(&tdir, tname.as_str(), dir, name, AtFlags::empty())
-                    .map_err(|e| io_err("link", comps, e))?;
-                return Ok(()); // shares the target's inode, owner and mode
+                // Shares the target's inode, owner and mode.
+                make(
+                    &mut || linkat(&tdir, tname.as_str(), dir, name, AtFlags::empty()),
+                    "link",
+                )?;
             }
             E::Fifo => {
-                mknodat(dir, name, FileType::Fifo, Mode::from_raw_mode(0o600), 0)
-                    .map_err(|e| io_err("mkfifo", comps, e))?;
+                make(
+                    &mut || mknodat(dir, name, FileType::Fifo, Mode::from_raw_mode(0o600), 0),
+                    "mkfifo",
+                )?;
+                self.own_and_mode(dir, name, comps, owner, Some(mode))?;
+                let _ = utimensat(dir, name, &times, AtFlags::SYMLINK_NOFOLLOW);
             }
             // pax/GNU headers are consumed by the tar crate; others ignored.
-            _ => return Ok(()),
+            _ => {}
         }
-        if let Some(s) = self.shift {
-            let shifted = |id: u64| {
-                u32::try_from(id)
-                    .ok()
-                    .and_then(|id| id.checked_add(s))
-                    .filter(|id| *id != u32::MAX)
-                    .ok_or_else(|| {
-                        io_err(
-                            "chown",
-                            comps,
-                            io::Error::other(format!("id {id} out of range")),
-                        )
-                    })
-            };
-            chownat(
-                dir,
-                name,
-                Some(uid_of(shifted(uid)?)),
-                Some(gid_of(shifted(gid)?)),
-                AtFlags::SYMLINK_NOFOLLOW,
-            )
-            .map_err(|e| io_err("chown", comps, e))?;
+        Ok(replaced)
+    }
+
+    /// chown (never following), then chmod (chown clears set-id bits) of
+    /// the entry `name` just made in `dir`.
+    fn own_and_mode(
+        &self,
+        dir: &OwnedFd,
+        name: &str,
+        comps: &[String],
+        owner: Option<(Uid, Gid)>,
+        mode: Option<u32>,
+    ) -> Result<(), ImageError> {
+        if let Some((u, g)) = owner {
+            chownat(dir, name, Some(u), Some(g), AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|e| io_err("chown", comps, e))?;
         }
-        if kind != E::Symlink {
-            // After chown, which clears set-id bits.
-            chmodat(dir, name, Mode::from_raw_mode(mode), AtFlags::empty())
+        if let Some(m) = mode {
+            chmodat(dir, name, Mode::from_raw_mode(m), AtFlags::empty())
                 .map_err(|e| io_err("chmod", comps, e))?;
-        }
-        if kind != E::Directory {
-            let t = Timespec {
-                tv_sec: mtime as i64,
-                tv_nsec: 0,
-            };
-            let _ = utimensat(
-                dir,
-                name,
-                &Timestamps {
-                    last_access: t,
-                    last_modification: t,
-                },
-                AtFlags::SYMLINK_NOFOLLOW,
-            );
         }
         Ok(())
     }

@@ -29,6 +29,7 @@ fn api() -> Router<AppState> {
                 .delete(sandboxes::destroy),
         )
         .route("/templates", get(templates::list).post(templates::create))
+        .route("/templates/import", post(templates::import))
         .route(
             "/templates/{id}",
             get(templates::get_one).delete(templates::delete),
@@ -85,6 +86,7 @@ pub fn publish_router(state: AppState) -> Router {
 fn seed003() -> Router<AppState> {
     Router::new()
         .route("/templates", get(templates::list).post(templates::create))
+        .route("/templates/import", post(templates::import))
         .route(
             "/templates/{id}",
             get(templates::get_one).delete(templates::delete),

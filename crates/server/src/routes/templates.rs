@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
@@ -43,6 +43,25 @@ pub async fn save(
     ApiJson(req): ApiJson<SaveTemplate>,
 ) -> Result<(StatusCode, Json<Template>), ApiError> {
     let t = st.controller.save_sandbox(&caller.org, &id, req).await?;
+    Ok((StatusCode::ACCEPTED, Json(t)))
+}
+
+/// `POST /v1/templates/import?name=<name>`: the body is an image archive
+/// (`docker save` tar or OCI archive), spooled, then imported in the
+/// background; 202 `building`.
+pub async fn import(
+    State(st): State<AppState>,
+    caller: Caller,
+    RawQuery(raw): RawQuery,
+    body: Body,
+) -> Result<(StatusCode, Json<Template>), ApiError> {
+    let name = form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+        .find(|(k, _)| k == "name")
+        .map(|(_, v)| v.into_owned())
+        .ok_or_else(|| ApiError::bad_request("name", "required: ?name=<template name>"))?;
+    sandforge_api::validate_template_name(&name)?;
+    let path = st.controller.spool_import(body.into_data_stream()).await?;
+    let t = st.controller.import_template(&caller.org, &name, path)?;
     Ok((StatusCode::ACCEPTED, Json(t)))
 }
 
