@@ -141,6 +141,7 @@ async fn pull_from_a_real_registry() {
         blob_dir: w.join("blobs"),
         uid_shift: 100000,
         credentials: None,
+        max_bytes: u64::MAX,
     };
     let ev = Events::new();
     let host = reg.host();
@@ -397,6 +398,36 @@ async fn pull_from_a_real_registry() {
     .await;
     assert!(matches!(e, Err(ImageError::Unauthorized(_))), "{e:?}");
     assert!(!templates.join("locked").exists());
+
+    // 8. A gzip bomb: 64 MiB of one byte (a 64 KiB layer) against a limit
+    // of 16 MiB stops at the limit, and nothing is left.
+    let zeros = "z".repeat(64 << 20);
+    let bomb = layer(&[E::Dir("bin", 0), E::File("bin/bomb", &zeros, 0)]);
+    assert!(bomb.0.len() < 1 << 20, "{} bytes", bomb.0.len());
+    push_image(&reg, w, "bomb:1", "amd64", &[&bomb], serde_json::json!({}));
+    let small = PullOptions {
+        max_bytes: 16 << 20,
+        ..opts.clone()
+    };
+    let e = pull(
+        &small,
+        &format!("{host}/test/bomb:1"),
+        &templates.join("bomb"),
+        &ev.cb(),
+    )
+    .await;
+    assert!(
+        matches!(&e, Err(ImageError::Layer(m)) if m.contains("more than 16 MiB")),
+        "{e:?}"
+    );
+    assert!(!templates.join("bomb").exists());
+    let staging: Vec<_> = std::fs::read_dir(&templates)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(staging.is_empty(), "{staging:?}");
 }
 
 /// The default template as a one-layer image, pushed and pulled; prints the
@@ -441,6 +472,7 @@ async fn pull_the_default_template() {
         blob_dir: w.join("blobs"),
         uid_shift: 100000,
         credentials: None,
+        max_bytes: u64::MAX,
     };
     let t = Instant::now();
     let info = pull(

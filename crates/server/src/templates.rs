@@ -435,6 +435,7 @@ impl Controller {
         let opts = PullOptions {
             blob_dir: self.blob_dir(),
             uid_shift: UID_SHIFT,
+            max_bytes: self.cfg.template_max_mb << 20,
             credentials: match &how {
                 Build::Pull(Some(c)) => Some((c.username.clone(), c.password.clone())),
                 _ => None,

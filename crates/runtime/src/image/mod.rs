@@ -47,6 +47,9 @@ pub struct PullOptions {
     pub uid_shift: u32,
     /// HTTP basic credentials (`user`, `password`), if the registry wants them.
     pub credentials: Option<(String, String)>,
+    /// Most bytes of file data the image may unpack to (all layers): past
+    /// it the pull fails (`Layer`) and nothing is kept.
+    pub max_bytes: u64,
 }
 
 /// Progress of a pull, reported as it happens.
@@ -704,6 +707,7 @@ pub async fn import(
         dest: dest.to_path_buf(),
         name,
         uid_shift: opts.uid_shift,
+        max_bytes: opts.max_bytes,
         layers,
         info,
         events: tx,
@@ -877,6 +881,7 @@ async fn pull_once(
         dest: dest.to_path_buf(),
         name,
         uid_shift: opts.uid_shift,
+        max_bytes: opts.max_bytes,
         layers,
         info,
         events: tx,
@@ -1020,6 +1025,7 @@ struct UnpackJob {
     dest: PathBuf,
     name: String,
     uid_shift: u32,
+    max_bytes: u64,
     layers: Vec<(String, feed::LayerReader)>,
     info: ImageInfo,
     events: tokio::sync::mpsc::UnboundedSender<PullEvent>,
@@ -1033,6 +1039,7 @@ impl UnpackJob {
             dest,
             name,
             uid_shift,
+            max_bytes,
             layers,
             mut info,
             events,
@@ -1045,7 +1052,7 @@ impl UnpackJob {
         let staging_guard = Cleanup::dir(&staging);
         let rootfs = staging.join("rootfs");
         std::fs::create_dir(&rootfs).map_err(|e| io("create", &rootfs, e))?;
-        let mut u = unpack::Unpacker::new(&rootfs, Some(uid_shift))?;
+        let mut u = unpack::Unpacker::new(&rootfs, Some(uid_shift))?.with_max_bytes(max_bytes);
         for (digest, reader) in layers {
             let _ = events.send(PullEvent::LayerUnpacking {
                 digest: digest.clone(),

@@ -190,10 +190,20 @@ fn clear_dir(dir: &OwnedFd, keep: &HashSet<String>) -> io::Result<()> {
 /// Bytes copied per read/write of a file's data.
 const COPY_BUF: usize = 256 << 10;
 
+/// Most entries one rootfs may get from its layers (each is an inode of
+/// the host's state filesystem; the default template has about 42,000).
+pub const MAX_ENTRIES: u64 = 4_000_000;
+
 /// Applies layers, in order, to one rootfs.
 pub struct Unpacker {
     root: OwnedFd,
     shift: Option<u32>,
+    /// Bytes of file data written so far, over every layer: a gzip bomb
+    /// stops at `max_bytes` instead of filling the host's disk.
+    data: std::cell::Cell<u64>,
+    max_bytes: u64,
+    /// Entries taken so far, over every layer (at most [`MAX_ENTRIES`]).
+    entries: u64,
 }
 
 impl Unpacker {
@@ -211,7 +221,20 @@ impl Unpacker {
             rustix::fs::fchown(&root, Some(uid_of(s)), Some(gid_of(s)))
                 .map_err(|e| ImageError::Io(format!("chown {}: {e}", rootfs.display())))?;
         }
-        Ok(Self { root, shift })
+        Ok(Self {
+            root,
+            shift,
+            data: std::cell::Cell::new(0),
+            max_bytes: u64::MAX,
+            entries: 0,
+        })
+    }
+
+    /// Refuse (a `Layer` error) once the layers' file data pass `max`
+    /// bytes in all.
+    pub fn with_max_bytes(mut self, max: u64) -> Self {
+        self.max_bytes = max;
+        self
     }
 
     /// Apply one (uncompressed) layer tarball.
@@ -230,6 +253,12 @@ impl Unpacker {
             .map_err(|e| ImageError::Layer(format!("read tar: {e}")))?;
         for entry in entries {
             let mut entry = entry.map_err(|e| ImageError::Layer(format!("read tar: {e}")))?;
+            self.entries += 1;
+            if self.entries > MAX_ENTRIES {
+                return Err(ImageError::Layer(format!(
+                    "more than {MAX_ENTRIES} entries in all"
+                )));
+            }
             let path = entry
                 .path()
                 .map_err(|e| ImageError::Layer(format!("entry name: {e}")))?
@@ -385,6 +414,14 @@ impl Unpacker {
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(e) => return Err(io_err("write", comps, e)),
                     };
+                    let total = self.data.get().saturating_add(n as u64);
+                    if total > self.max_bytes {
+                        return Err(ImageError::Layer(format!(
+                            "the image's files come to more than {} MiB (the limit, template_max_mb)",
+                            self.max_bytes >> 20
+                        )));
+                    }
+                    self.data.set(total);
                     f.write_all(&buf[..n])
                         .map_err(|e| io_err("write", comps, e))?;
                 }
