@@ -225,8 +225,13 @@ impl Layout {
         let descs: Vec<_> = layers
             .iter()
             .map(|l| {
+                let media = if l.0.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+                    "application/vnd.oci.image.layer.v1.tar+zstd"
+                } else {
+                    "application/vnd.oci.image.layer.v1.tar+gzip"
+                };
                 serde_json::json!({
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "mediaType": media,
                     "digest": self.put(&l.0), "size": l.0.len(),
                 })
             })
@@ -338,6 +343,14 @@ pub fn push_image(
     let desc = l.image(arch, layers, config_extra);
     l.push(reg, desc, name);
     layers.iter().map(|l| sha(&l.0)).collect()
+}
+
+/// The same layer compressed with zstd instead of gzip: (blob, diff_id).
+pub fn zstd_layer(entries: &[E]) -> (Vec<u8>, String) {
+    let (gz, diff_id) = layer(entries);
+    let mut tar = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut tar).unwrap();
+    (zstd::encode_all(&tar[..], 3).unwrap(), diff_id)
 }
 
 /// A gzip layer of the tree at `dir` (ownership as on disk): (blob,

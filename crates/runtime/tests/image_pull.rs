@@ -11,7 +11,7 @@ use std::time::Instant;
 
 #[path = "../../../tests/harness/oci.rs"]
 mod oci;
-use oci::{layer, push_image, sha, Layout, Registry, E};
+use oci::{layer, push_image, sha, zstd_layer, Layout, Registry, E};
 
 use sandforge_runtime::image::{pull, ImageError, PullEvent, PullOptions};
 use sandforge_runtime::TemplateStore;
@@ -428,6 +428,22 @@ async fn pull_from_a_real_registry() {
         .filter(|n| n.to_string_lossy().contains(".tmp-"))
         .collect();
     assert!(staging.is_empty(), "{staging:?}");
+
+    // 9. A zstd layer over a gzip one.
+    let z = zstd_layer(&[E::File("etc/zstd.txt", "from a zstd layer\n", 0)]);
+    push_image(&reg, w, "zstd:1", "amd64", &[&base, &z], serde_json::json!({}));
+    pull(
+        &opts,
+        &format!("{host}/test/zstd:1"),
+        &templates.join("zstd"),
+        &ev.cb(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(templates.join("zstd/rootfs/etc/zstd.txt")).unwrap(),
+        "from a zstd layer\n"
+    );
 }
 
 /// The default template as a one-layer image, pushed and pulled; prints the

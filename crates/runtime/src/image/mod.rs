@@ -489,8 +489,8 @@ async fn fetch_blob(
     }
 }
 
-/// A layer blob as a tar stream: gzip or plain tar, told by its first bytes
-/// (media types lie; zstd is refused).
+/// A layer blob as a tar stream: gzip, zstd or plain tar, told by its
+/// first bytes (media types lie).
 fn layer_decoder<'a>(r: &'a mut feed::LayerReader) -> Result<Box<dyn Read + 'a>, ImageError> {
     let mut magic = [0u8; 4];
     let mut n = 0;
@@ -507,7 +507,9 @@ fn layer_decoder<'a>(r: &'a mut feed::LayerReader) -> Result<Box<dyn Read + 'a>,
     if n >= 2 && magic[..2] == [0x1f, 0x8b] {
         Ok(Box::new(flate2::bufread::MultiGzDecoder::new(f)))
     } else if n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
-        Err(ImageError::Layer("zstd layers are not supported".into()))
+        let d = zstd::stream::read::Decoder::with_buffer(f)
+            .map_err(|e| ImageError::Layer(format!("zstd: {e}")))?;
+        Ok(Box::new(d))
     } else {
         Ok(Box::new(f))
     }
