@@ -212,17 +212,41 @@ impl Controller {
     /// directory is fine.
     fn remove_template_files(&self, id: &str) -> Result<(), String> {
         let _ = std::fs::remove_file(self.build_log(id));
-        let _ = std::fs::remove_dir_all(self.build_source_dir(id));
         let Some(dir) = self.templates.path_of(id) else {
             return Ok(());
         };
         let _ = std::fs::remove_file(dir.join("template.json"));
-        match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(format!("removing {}: {e}", dir.display()))
+        // Renamed away at once (a rebuild may make the directory again
+        // right after), removed off the request path: a tree of hundreds of
+        // MB takes seconds. A name with `.tmp-` is removed at start too.
+        let mut doomed = vec![];
+        for p in [self.build_source_dir(id), dir] {
+            let Some(name) = p.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+                continue;
+            };
+            let away = p.with_file_name(format!(
+                ".{}.tmp-del-{:016x}",
+                name.trim_start_matches('.'),
+                rand::random::<u64>()
+            ));
+            match std::fs::rename(&p, &away) {
+                Ok(()) => doomed.push(away),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("removing {}: {e}", p.display())),
             }
-            _ => Ok(()),
         }
+        let remove = move || {
+            for p in doomed {
+                if let Err(e) = std::fs::remove_dir_all(&p) {
+                    tracing::warn!("removing {}: {e}", p.display());
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn_blocking(remove)),
+            Err(_) => remove(),
+        }
+        Ok(())
     }
 
     /// Seed 003's `build` and `pull`: make the template again from its
