@@ -11,15 +11,17 @@
 //! runs a Dockerfile template again; the CLI's `template save` and
 //! `template build` follow the log and exit 1 on a failure.
 //!
-//! A sandbox made FROM a saved template is a container (until microVM
-//! images of API templates land, a microVM create from one answers 409
-//! `template_unsupported`), so the microVM run saves VMs and checks the
-//! result in a container.
+//! A `FROM` an image reference pulls it first as an ordinary template.
+//!
+//! The templates made here are checked in containers (quicker under TCG;
+//! microVM creates from API templates are tested in tests/templates.rs),
+//! so the microVM run saves VMs and checks the result in a container.
 
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
+use sandforge_tests::oci::{layer_from_dir, push_image, Registry};
 use sandforge_tests::{vm, Daemon};
 use serde_json::{json, Value};
 
@@ -591,4 +593,67 @@ async fn the_cli_saves_and_builds_following_the_log() {
         String::from_utf8_lossy(&out.stderr).contains("step 1 (RUN exit 7) exited 7"),
         "{out:?}"
     );
+}
+
+/// `FROM` an image reference: the image is pulled first as an ordinary
+/// template (`<name>-from`), reused by the next build from the same
+/// reference; an image that does not exist fails the build with the
+/// pull's reason, and no builder is left.
+#[tokio::test]
+async fn a_dockerfile_build_from_an_image_pulls_it_first() {
+    let reg = Registry::start(false);
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("rootfs");
+    for d in ["bin", "etc", "tmp", "root", "proc", "dev", "sys"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
+    for applet in ["sh", "echo", "cat", "mkdir", "base64", "tar", "id", "true"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    push_image(
+        &reg,
+        work.path(),
+        "bb",
+        "amd64",
+        &[&layer_from_dir(&root)],
+        json!({"Env": ["PATH=/bin"]}),
+    );
+    let image = format!("{}/test/bb:latest", reg.host());
+    let d = Daemon::start().await;
+
+    let dockerfile = format!("FROM {image}\nRUN echo built on busybox > /built.txt\n");
+    let (s, t) = build(&d, "fromimg", &dockerfile, &context(&[])).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{t}");
+    let t = wait_built(&d, t["id"].as_str().unwrap()).await;
+    assert_eq!(t["status"], "ready", "{t}");
+    let sb = container_from(&d, "fromimg").await;
+    assert_eq!(
+        d.sh_ok(&sb, "cat /built.txt").await,
+        "built on busybox\n"
+    );
+    d.destroy(&sb).await;
+
+    let (s, t) = build(&d, "again", &dockerfile, &context(&[])).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{t}");
+    assert_eq!(wait_built(&d, t["id"].as_str().unwrap()).await["status"], "ready");
+    let (_, list) = d.call(Method::GET, "/v1/templates", None).await;
+    let bases: Vec<&Value> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["source"]["reference"] == json!(image))
+        .collect();
+    assert_eq!(bases.len(), 1, "pulled once, reused: {list}");
+    assert_eq!(bases[0]["name"], "fromimg-from", "{list}");
+
+    let missing = format!("FROM {}/test/nope:1\nRUN true\n", reg.host());
+    let (s, t) = build(&d, "nope", &missing, &context(&[])).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{t}");
+    let t = wait_built(&d, t["id"].as_str().unwrap()).await;
+    assert_eq!(t["status"], "failed", "{t}");
+    let reason = t["status_reason"].as_str().unwrap();
+    assert!(reason.contains("not found"), "{t}");
+    assert_eq!(live_sandboxes(&d).await, Vec::<Value>::new(), "no builder left");
 }

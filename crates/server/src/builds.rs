@@ -517,6 +517,47 @@ impl Controller {
         self.get_template(org_of(&row), &row.id)
     }
 
+    /// `FROM <image>`: the image becomes an ordinary template of the
+    /// organization first (one already pulled from that reference and
+    /// `ready` is reused), named `<build's name>-from`; the build's log
+    /// says which. Returns its stored name.
+    async fn pull_base(
+        self: &Arc<Self>,
+        org: &str,
+        tid: &str,
+        reference: &str,
+        log: &BuildLog,
+    ) -> Result<String, String> {
+        let source = TemplateSource::Image {
+            reference: reference.to_string(),
+        };
+        let known = self.db.list_templates(org).map_err(|e| e.to_string())?;
+        if let Some(t) = known
+            .iter()
+            .find(|t| t.org.is_some() && t.status == TemplateStatus::Ready && t.source == source)
+        {
+            log.write(serde_json::json!({"event": "from_image", "template_id": t.id, "reference": reference, "pulled": false}));
+            return Ok(t.id.clone());
+        }
+        let name = match self.db.get_template(tid) {
+            Ok(Some(t)) => format!("{}-from", t.name),
+            _ => format!("{tid}-from"),
+        };
+        let row = self
+            .insert_building(org, name, source, TemplateDefaults::default())
+            .map_err(|e| format!("FROM {reference}: {}", e.message))?;
+        log.write(serde_json::json!({"event": "from_image", "template_id": row.id, "reference": reference, "pulled": true}));
+        self.build_template(&row.id, reference, None).await;
+        match self.db.get_template(&row.id) {
+            Ok(Some(t)) if t.status == TemplateStatus::Ready => Ok(row.id),
+            Ok(Some(t)) => Err(format!(
+                "FROM {reference}: {}",
+                t.status_reason.unwrap_or_else(|| "the pull failed".into())
+            )),
+            _ => Err(format!("FROM {reference}: the pulled template vanished")),
+        }
+    }
+
     async fn run_build(
         self: &Arc<Self>,
         org: &str,
@@ -526,16 +567,19 @@ impl Controller {
         log: &BuildLog,
     ) -> Result<u64, String> {
         log.write(serde_json::json!({"event": "build", "from": d.from, "steps": d.steps.len(), "at": now()}));
-        let stored = self.resolve_template_with_defaults(org, &d.from).map(|(s, _)| s).map_err(|e| {
-            if e.code == "template_not_found" {
-                format!(
-                    "FROM {}: no such template (pull an image first: POST /v1/templates {{\"name\", \"image\"}})",
-                    d.from
-                )
-            } else {
-                format!("FROM {}: {}", d.from, e.message)
+        let stored = match self.resolve_template_with_defaults(org, &d.from) {
+            Ok((s, _)) => s,
+            Err(e) if e.code == "template_not_found" && looks_like_image(&d.from) => {
+                self.pull_base(org, tid, &d.from, log).await?
             }
-        })?;
+            Err(e) if e.code == "template_not_found" => {
+                return Err(format!(
+                    "FROM {}: no such template (nor an image reference: registry/repository[:tag])",
+                    d.from
+                ))
+            }
+            Err(e) => return Err(format!("FROM {}: {}", d.from, e.message)),
+        };
         let base = self
             .templates
             .get(&stored)
@@ -786,4 +830,11 @@ mod tests {
         assert!(c.select(&["nope".into()], "/x", "/").is_err());
         assert!(normalize("a/../../b").is_none());
     }
+}
+
+/// Whether a `FROM` that names no template is meant as an image reference
+/// (`registry/repository[:tag]`, `repository:tag`, `...@sha256:`): a bare
+/// word is a template name.
+fn looks_like_image(from: &str) -> bool {
+    from.contains(['/', ':', '@']) && sandforge_runtime::image::parse_reference(from).is_ok()
 }

@@ -420,7 +420,7 @@ impl Controller {
 
     /// Pull `reference` into the template `id`; `credentials` are used for
     /// this pull only (never written anywhere, not even the build log).
-    async fn build_template(
+    pub(crate) async fn build_template(
         &self,
         id: &str,
         reference: &str,
