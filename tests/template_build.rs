@@ -629,15 +629,15 @@ async fn a_dockerfile_build_from_an_image_pulls_it_first() {
     let t = wait_built(&d, t["id"].as_str().unwrap()).await;
     assert_eq!(t["status"], "ready", "{t}");
     let sb = container_from(&d, "fromimg").await;
-    assert_eq!(
-        d.sh_ok(&sb, "cat /built.txt").await,
-        "built on busybox\n"
-    );
+    assert_eq!(d.sh_ok(&sb, "cat /built.txt").await, "built on busybox\n");
     d.destroy(&sb).await;
 
     let (s, t) = build(&d, "again", &dockerfile, &context(&[])).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{t}");
-    assert_eq!(wait_built(&d, t["id"].as_str().unwrap()).await["status"], "ready");
+    assert_eq!(
+        wait_built(&d, t["id"].as_str().unwrap()).await["status"],
+        "ready"
+    );
     let (_, list) = d.call(Method::GET, "/v1/templates", None).await;
     let bases: Vec<&Value> = list
         .as_array()
@@ -655,5 +655,9 @@ async fn a_dockerfile_build_from_an_image_pulls_it_first() {
     assert_eq!(t["status"], "failed", "{t}");
     let reason = t["status_reason"].as_str().unwrap();
     assert!(reason.contains("not found"), "{t}");
-    assert_eq!(live_sandboxes(&d).await, Vec::<Value>::new(), "no builder left");
+    assert_eq!(
+        live_sandboxes(&d).await,
+        Vec::<Value>::new(),
+        "no builder left"
+    );
 }

@@ -431,7 +431,14 @@ async fn pull_from_a_real_registry() {
 
     // 9. A zstd layer over a gzip one.
     let z = zstd_layer(&[E::File("etc/zstd.txt", "from a zstd layer\n", 0)]);
-    push_image(&reg, w, "zstd:1", "amd64", &[&base, &z], serde_json::json!({}));
+    push_image(
+        &reg,
+        w,
+        "zstd:1",
+        "amd64",
+        &[&base, &z],
+        serde_json::json!({}),
+    );
     pull(
         &opts,
         &format!("{host}/test/zstd:1"),

@@ -784,6 +784,13 @@ fn org_of(row: &crate::db::TemplateRow) -> &str {
     row.org.as_deref().unwrap_or("")
 }
 
+/// Whether a `FROM` that names no template is meant as an image reference
+/// (`registry/repository[:tag]`, `repository:tag`, `...@sha256:`): a bare
+/// word is a template name.
+fn looks_like_image(from: &str) -> bool {
+    from.contains(['/', ':', '@']) && sandforge_runtime::image::parse_reference(from).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -830,11 +837,4 @@ mod tests {
         assert!(c.select(&["nope".into()], "/x", "/").is_err());
         assert!(normalize("a/../../b").is_none());
     }
-}
-
-/// Whether a `FROM` that names no template is meant as an image reference
-/// (`registry/repository[:tag]`, `repository:tag`, `...@sha256:`): a bare
-/// word is a template name.
-fn looks_like_image(from: &str) -> bool {
-    from.contains(['/', ':', '@']) && sandforge_runtime::image::parse_reference(from).is_ok()
 }
