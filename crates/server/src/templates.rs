@@ -210,15 +210,15 @@ impl Controller {
     /// Remove a template's files (its microVM image with them), the
     /// manifest first (a template without it is never used); a missing
     /// directory is fine.
-    fn remove_template_files(&self, id: &str) -> Result<(), String> {
+    fn remove_template_files(&self, id: &str) -> Result<Doomed, String> {
         let _ = std::fs::remove_file(self.build_log(id));
         let Some(dir) = self.templates.path_of(id) else {
-            return Ok(());
+            return Ok(Doomed(vec![]));
         };
         let _ = std::fs::remove_file(dir.join("template.json"));
-        // Renamed away at once (a rebuild may make the directory again
-        // right after), removed off the request path: a tree of hundreds of
-        // MB takes seconds. A name with `.tmp-` is removed at start too.
+        // Renamed away at once (a rebuild makes the directory again right
+        // after); the caller removes them on the blocking pool (a tree of
+        // hundreds of MB takes seconds). `.tmp-` names go at start too.
         let mut doomed = vec![];
         for p in [self.build_source_dir(id), dir] {
             let Some(name) = p.file_name().map(|n| n.to_string_lossy().into_owned()) else {
@@ -235,18 +235,7 @@ impl Controller {
                 Err(e) => return Err(format!("removing {}: {e}", p.display())),
             }
         }
-        let remove = move || {
-            for p in doomed {
-                if let Err(e) = std::fs::remove_dir_all(&p) {
-                    tracing::warn!("removing {}: {e}", p.display());
-                }
-            }
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) => drop(h.spawn_blocking(remove)),
-            Err(_) => remove(),
-        }
-        Ok(())
+        Ok(Doomed(doomed))
     }
 
     /// Seed 003's `build` and `pull`: make the template again from its
@@ -315,10 +304,13 @@ impl Controller {
                 return Err(e);
             }
         };
-        if let Err(reason) = self.remove_template_files(&row.id) {
-            self.db
-                .set_template_status(&row.id, TemplateStatus::Failed, Some(&reason), 0)?;
-            return Err(ApiError::internal(reason));
+        match self.remove_template_files(&row.id) {
+            Ok(doomed) => drop(tokio::task::spawn_blocking(move || doomed.remove())),
+            Err(reason) => {
+                self.db
+                    .set_template_status(&row.id, TemplateStatus::Failed, Some(&reason), 0)?;
+                return Err(ApiError::internal(reason));
+            }
         }
         let this = self.clone();
         let id = row.id.clone();
@@ -658,7 +650,8 @@ impl Controller {
 
     /// `DELETE /templates/{id}`: 409 while a sandbox or snapshot uses it or
     /// it is still building; a built-in one cannot be deleted (403).
-    pub fn delete_template(&self, org: &str, given: &str) -> Result<(), ApiError> {
+    /// The files are renamed away; what it returns removes them.
+    fn delete_template(&self, org: &str, given: &str) -> Result<Doomed, ApiError> {
         let row = self.template_row(org, given)?;
         if row.org.is_none() {
             return Err(ApiError::forbidden(format!(
@@ -674,10 +667,11 @@ impl Controller {
         }
         self.refuse_in_use(&row)?;
         let _held = self.hold_vm_image(&row)?;
-        self.remove_template_files(&row.id)
+        let doomed = self
+            .remove_template_files(&row.id)
             .map_err(ApiError::internal)?;
         self.db.delete_template(&row.id)?;
-        Ok(())
+        Ok(doomed)
     }
 
     /// `DELETE` then the blobs' garbage collection.
@@ -686,7 +680,9 @@ impl Controller {
         org: &str,
         given: &str,
     ) -> Result<(), ApiError> {
-        self.delete_template(org, given)?;
+        let doomed = self.delete_template(org, given)?;
+        // Gone when the DELETE answers, without holding an async worker.
+        let _ = tokio::task::spawn_blocking(move || doomed.remove()).await;
         self.collect_blobs().await;
         Ok(())
     }
@@ -722,6 +718,20 @@ fn append_log(path: &std::path::Path, line: &serde_json::Value) {
     use std::io::Write;
     if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(path) {
         let _ = writeln!(f, "{line}");
+    }
+}
+
+/// A deleted template's files, renamed away; `remove` deletes them
+/// (blocking: call it on the blocking pool).
+struct Doomed(Vec<PathBuf>);
+
+impl Doomed {
+    fn remove(self) {
+        for p in self.0 {
+            if let Err(e) = std::fs::remove_dir_all(&p) {
+                tracing::warn!("removing {}: {e}", p.display());
+            }
+        }
     }
 }
 
