@@ -26,18 +26,7 @@ use sandforge_tests::{vm, Daemon};
 use serde_json::{json, Value};
 
 async fn wait_built(d: &Daemon, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(if vm() { 900 } else { 300 });
-    loop {
-        let (s, t) = d
-            .call(Method::GET, &format!("/v1/templates/{id}"), None)
-            .await;
-        assert_eq!(s, StatusCode::OK, "{t}");
-        if t["status"] != "building" {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "still building: {t}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    d.wait_template(id, if vm() { 900 } else { 300 }).await
 }
 
 /// `POST /v1/sandboxes/{sb}/template {"name"}`: 202 `building`, then the

@@ -8,7 +8,6 @@
 //! temporary.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
 use sandforge_tests::oci::{layer, layer_from_dir, sha, Layout, E};
@@ -55,18 +54,7 @@ async fn upload(d: &Daemon, path: &str, body: Vec<u8>) -> (StatusCode, Value) {
 }
 
 async fn wait_built(d: &Daemon, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let (s, t) = d
-            .call(Method::GET, &format!("/v1/templates/{id}"), None)
-            .await;
-        assert_eq!(s, StatusCode::OK, "{t}");
-        if t["status"] != "building" {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "still building: {t}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    d.wait_template(id, 180).await
 }
 
 /// Import `body` as `name`: the finished template.

@@ -144,18 +144,7 @@ fn busybox_image(reg: &Registry, work: &std::path::Path, name: &str) {
 }
 
 async fn wait_built(d: &Daemon, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let (s, t) = d
-            .call(Method::GET, &format!("/v1/templates/{id}"), None)
-            .await;
-        assert_eq!(s, StatusCode::OK, "{t}");
-        if t["status"] != "building" {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "still building: {t}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    d.wait_template(id, 180).await
 }
 
 fn files_under(dir: &std::path::Path) -> Vec<String> {

@@ -408,6 +408,23 @@ impl Daemon {
         (status, v)
     }
 
+    /// Poll a template until it is no longer `building` (at most
+    /// `secs`); returns its JSON.
+    pub async fn wait_template(&self, id: &str, secs: u64) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let (s, t) = self
+                .call(Method::GET, &format!("/v1/templates/{id}"), None)
+                .await;
+            assert_eq!(s, StatusCode::OK, "{t}");
+            if t["status"] != "building" {
+                return t;
+            }
+            assert!(std::time::Instant::now() < deadline, "still building: {t}");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     /// Create a sandbox, asserting 201; returns its JSON.
     pub async fn create(&self, body: Value) -> Value {
         let (s, v) = self.call(Method::POST, "/v1/sandboxes", Some(body)).await;

@@ -642,18 +642,9 @@ async fn forwarding<T>(
     r.unwrap_or_else(|e| Err(ImageError::Io(format!("blocking task: {e}"))))
 }
 
-/// Make a template at `dest` (as [`pull`] does) of the image in an archive
-/// file: an OCI archive or a `docker save` tar (see [`archive`]). Its
-/// layers are verified and put in the blob store, then unpacked by the
-/// same unpacker; `label` becomes the image's `reference`. On any error
-/// nothing is left at `dest`.
-pub async fn import(
-    opts: &PullOptions,
-    archive_path: &Path,
-    label: &str,
-    dest: &Path,
-    progress: &(dyn Fn(PullEvent) + Send + Sync),
-) -> Result<ImageInfo, ImageError> {
+/// The template's name (`dest`'s file name) once `dest` is free and the
+/// options make sense: what a pull and an import check first.
+fn check_destination(opts: &PullOptions, dest: &Path) -> Result<String, ImageError> {
     let name = dest
         .file_name()
         .and_then(|n| n.to_str())
@@ -668,6 +659,22 @@ pub async fn import(
     if dest.symlink_metadata().is_ok() {
         return Err(ImageError::Exists(dest.to_path_buf()));
     }
+    Ok(name)
+}
+
+/// Make a template at `dest` (as [`pull`] does) of the image in an archive
+/// file: an OCI archive or a `docker save` tar (see [`archive`]). Its
+/// layers are verified and put in the blob store, then unpacked by the
+/// same unpacker; `label` becomes the image's `reference`. On any error
+/// nothing is left at `dest`.
+pub async fn import(
+    opts: &PullOptions,
+    archive_path: &Path,
+    label: &str,
+    dest: &Path,
+    progress: &(dyn Fn(PullEvent) + Send + Sync),
+) -> Result<ImageInfo, ImageError> {
+    let name = check_destination(opts, dest)?;
     let parent = dest
         .parent()
         .ok_or_else(|| ImageError::Io(format!("bad destination {}", dest.display())))?
@@ -745,20 +752,7 @@ async fn pull_once(
     corrupt_stored: &Arc<AtomicBool>,
 ) -> Result<ImageInfo, ImageError> {
     let r = parse_reference(reference)?;
-    let name = dest
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| ImageError::Io(format!("bad destination {}", dest.display())))?
-        .to_string();
-    if opts.uid_shift.checked_add(u32::from(u16::MAX)).is_none() {
-        return Err(ImageError::Io(format!(
-            "uid_shift {} out of range",
-            opts.uid_shift
-        )));
-    }
-    if dest.symlink_metadata().is_ok() {
-        return Err(ImageError::Exists(dest.to_path_buf()));
-    }
+    let name = check_destination(opts, dest)?;
     let auth = match &opts.credentials {
         Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
         None => RegistryAuth::Anonymous,
